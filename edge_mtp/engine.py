@@ -1,0 +1,162 @@
+"""The embeddable API: `Engine` loads a model once and serves completion and chat requests.
+
+Results are OpenAI-shaped dicts plus `text`, `tokens`, `timings` and a `speculation` block, so the
+same dict serves an app, `edge-mtp generate --json` and the benchmarks.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Iterator
+
+from .backend import Model, Session
+from .errors import RequestError
+from .generation import Generation
+from .models import resolve_model
+from .sampling import Sampler, SamplingParams
+from .strategies import make_strategy
+
+
+class Stream:
+    """Text pieces of one request as they are produced; `result` is the full dict once done."""
+
+    def __init__(self, engine: "Engine", gen: Generation, kind: str):
+        self._engine, self._gen, self._kind = engine, gen, kind
+        self.result: dict | None = None
+        self._it = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._it
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop early (the engine stays usable; what was generated so far is kept in `result`)."""
+        self._it.close()
+
+    def _run(self) -> Iterator[str]:
+        with self._engine._lock:
+            try:
+                yield from self._gen.pieces()
+            finally:
+                self._gen.session.sync()
+                self.result = self._engine._result(self._gen, self._kind)
+
+
+class Engine:
+    """A model plus one llama.cpp context. Requests on one Engine run one at a time (a second
+    thread waits for the first); use several Engines for parallel work."""
+
+    def __init__(self, model: str = "smollm2-135m", n_ctx: int = 4096, n_threads: int | None = None,
+                 strategy: str = "plain", flash_attn: bool = True, verbose: bool = False):
+        from .backend import native
+
+        native.set_verbose(verbose)
+        make_strategy(strategy)  # refuse an unknown name before loading anything
+        self.strategy = strategy
+        self.model_path = resolve_model(model)
+        self.model = Model(self.model_path)
+        self.session = Session(self.model, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn)
+        self.model_name = model if self.model_path.name != model else self.model_path.stem
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.session.close()
+        self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.session.n_ctx
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.model.tokenize(text, special=special)
+
+    def detokenize(self, tokens) -> str:
+        return self.model.detokenize(tokens)
+
+    # -- requests --------------------------------------------------------------------------
+    def stream(self, prompt: str | list[dict], max_tokens: int | None = 128, *,
+               temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+               seed: int | None = None, stop: str | list[str] | None = None,
+               strategy: str | None = None) -> Stream:
+        """Start a request; a list of {"role", "content"} messages is rendered with the chat template.
+
+        max_tokens None or -1 means: until EOS, a stop string or the end of the context.
+        """
+        kind = "chat" if isinstance(prompt, list) else "text"
+        tokens = self._prompt_tokens(prompt)
+        if max_tokens is None or max_tokens == -1:
+            max_tokens = self.n_ctx
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise RequestError(f"max_tokens must be a positive integer or -1, got {max_tokens!r}")
+        if len(tokens) >= self.n_ctx:
+            raise RequestError(f"prompt has {len(tokens)} tokens, the context holds {self.n_ctx}; "
+                               "shorten it or raise n_ctx")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) for s in stops):
+            raise RequestError("stop must be a string or a list of strings")
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, seed))
+        gen = Generation(self.session, make_strategy(strategy or self.strategy), sampler, tokens,
+                         max_tokens, stops)
+        return Stream(self, gen, kind)
+
+    def generate(self, prompt: str, max_tokens: int | None = 128, **kw) -> dict:
+        """Complete a raw prompt (no chat template); returns a text_completion dict."""
+        if not isinstance(prompt, str):
+            raise RequestError("prompt must be a string (use chat() for messages)")
+        return self._finish(self.stream(prompt, max_tokens, **kw))
+
+    def chat(self, messages: list[dict], max_tokens: int | None = 128, **kw) -> dict:
+        """Answer chat messages with the model's chat template; returns a chat.completion dict."""
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of {'role', 'content'} dicts")
+        return self._finish(self.stream(messages, max_tokens, **kw))
+
+    @staticmethod
+    def _finish(s: Stream) -> dict:
+        for _ in s:
+            pass
+        return s.result
+
+    def _prompt_tokens(self, prompt) -> list[int]:
+        if isinstance(prompt, list):
+            for m in prompt:
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str)):
+                    raise RequestError("each message must be a dict with string 'role' and 'content'")
+            return self.model.chat_tokens(prompt)
+        if not isinstance(prompt, str):
+            raise RequestError("prompt must be a string or a list of messages")
+        tokens = self.model.tokenize(prompt)
+        if not tokens:
+            raise RequestError("empty prompt: give at least one token of text")
+        return tokens
+
+    def _result(self, gen: Generation, kind: str) -> dict:
+        n_prompt, n_gen = len(gen.prompt), len(gen.tokens)
+        choice = {"index": 0, "finish_reason": gen.finish_reason or "cancelled"}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": gen.text}
+        else:
+            choice.update(text=gen.text, logprobs=None)
+        return {
+            "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+            "text": gen.text,
+            "tokens": list(gen.tokens),
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
+                      "total_tokens": n_prompt + n_gen},
+            "timings": gen.timings,
+            "speculation": gen.speculation,
+        }

