@@ -1,0 +1,195 @@
+"""Native patches P1-P3 on real models: embedding rows, token trees with commit, layer ranges.
+
+Every check compares against plain sequential decoding of the same tokens on the same model, on
+the default SmolLM2 (llama) and on a tiny random-weight qwen3 model written by tools/tiny_model.py.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_mtp.backend import Model, Session
+from edge_mtp.errors import RequestError
+
+# 15 nodes, branching at every level: root, 2 children, 4 grandchildren, 4, 4
+PARENTS = np.array([-1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 8, 9], dtype=np.int32)
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+
+
+@pytest.fixture(scope="module", params=["smollm2", "tiny-qwen3"])
+def model(request, model_path, tiny_model_path):
+    m = Model(model_path if request.param == "smollm2" else tiny_model_path("qwen3"))
+    yield m
+    m.close()
+
+
+def session(model, n_ctx=512):
+    return Session(model, n_ctx=n_ctx, n_threads=2)
+
+
+def path_to(parents, i):
+    path = []
+    while i >= 0:
+        path.append(int(i))
+        i = parents[i]
+    return path[::-1]
+
+
+def sequential_logits(model, prompt, tokens):
+    """Logits after each of `tokens`, decoded one at a time after the prompt (the reference)."""
+    s = session(model)
+    s.prefill(prompt)
+    return np.stack([s.decode([t])[-1].copy() for t in tokens])
+
+
+def greedy(s, first, n):
+    out, tok = [], first
+    for _ in range(n):
+        tok = int(s.decode([tok])[-1].argmax())
+        out.append(tok)
+    return out
+
+
+def test_token_rows_embedding_rows_and_mixed_rows_agree(model):
+    prompt = model.tokenize(PROMPT)
+    toks = np.array(model.tokenize(" there lived a wise old king", add_bos=False), dtype=np.int32)
+    chain = np.arange(len(toks), dtype=np.int32) - 1
+    s = session(model)
+    s.prefill(prompt)
+    as_tokens = s.decode_tree(toks, chain).copy()
+    as_embd = s.decode_tree(np.full(len(toks), -1, np.int32), chain, embd=model.input_rows(toks)).copy()
+    mixed = toks.copy()
+    mixed[1::2] = -1
+    as_mixed = s.decode_tree(mixed, chain, embd=model.input_rows(toks[1::2])).copy()
+    np.testing.assert_array_equal(as_embd, as_tokens)
+    np.testing.assert_array_equal(as_mixed, as_tokens)
+    np.testing.assert_array_equal(as_tokens, sequential_logits(model, prompt, toks))
+
+
+def test_tree_rows_equal_decoding_each_path_token_by_token(model):
+    prompt = model.tokenize(PROMPT)
+    toks = np.random.default_rng(0).integers(100, model.n_vocab - 1, size=len(PARENTS)).astype(np.int32)
+    s = session(model)
+    s.prefill(prompt)
+    tree = s.decode_tree(toks, PARENTS).copy()
+    for i in range(len(PARENTS)):
+        ref = sequential_logits(model, prompt, toks[path_to(PARENTS, i)])[-1]
+        assert np.abs(tree[i] - ref).max() <= 1e-3, f"node {i}"
+        assert tree[i].argmax() == ref.argmax()
+
+
+@pytest.mark.parametrize("accepted", [[0, 1, 3, 7], [0, 2, 6, 11], [0], []])
+def test_commit_then_greedy_equals_plain_decoding(model, accepted):
+    prompt = model.tokenize(PROMPT)
+    toks = np.random.default_rng(1).integers(100, model.n_vocab - 1, size=len(PARENTS)).astype(np.int32)
+    s = session(model)
+    s.prefill(prompt)
+    logits = s.decode_tree(toks, PARENTS)
+    nxt = int(logits[accepted[-1]].argmax()) if accepted else 42
+    s.commit(accepted)
+    kept = [int(t) for t in toks[accepted]]
+    assert s.tokens == prompt + kept
+    ref = session(model)
+    ref.prefill(prompt + kept) if kept else ref.prefill(prompt)
+    assert greedy(s, nxt, 32) == greedy(ref, nxt, 32)
+
+
+def test_commit_rejects_a_non_path(model):
+    s = session(model)
+    s.prefill(model.tokenize(PROMPT))
+    s.decode_tree(np.arange(100, 115, dtype=np.int32), PARENTS)
+    with pytest.raises(RequestError, match="path"):
+        s.commit([0, 3])  # 3's parent is 1
+    s.commit([0, 1])
+    assert s.n_past == len(model.tokenize(PROMPT)) + 2
+
+
+def test_tree_that_does_not_fit_is_refused_and_cache_intact(model):
+    s = session(model, n_ctx=64)
+    prompt = list(range(200, 200 + s.n_ctx - 9))  # llama.cpp may round n_ctx up
+    s.prefill(prompt)
+    with pytest.raises(RequestError, match="context full"):
+        s.decode_tree(np.arange(100, 115, dtype=np.int32), PARENTS)
+    assert s.tokens == prompt
+    ref = session(model, n_ctx=64)
+    ref.prefill(prompt)
+    assert greedy(s, 7, 8) == greedy(ref, 7, 8)
+
+
+def test_bad_trees_are_refused(model):
+    s = session(model)
+    s.prefill(model.tokenize(PROMPT))
+    with pytest.raises(RequestError):
+        s.decode_tree([1, 2, 3], [-1, 1, 0])  # a row cannot be its own parent
+    with pytest.raises(RequestError):
+        s.decode_tree([1, 2, 3], [-1, 0, -1])  # depth 0 after depth 1: not breadth-first
+    with pytest.raises(RequestError):
+        s.decode_tree([1, -1], [-1, 0])  # embedding row without an embedding
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_layer_split_equals_full_forward(model, k):
+    """Layers [0, k) then [k, L) into the same cells: same logits, and the cache is complete."""
+    k = k if model.n_layer <= 4 else {1: 1, 2: 12, 3: model.n_layer - 1}[k]
+    prompt = model.tokenize(PROMPT)
+    toks = model.tokenize(" there lived a king", add_bos=False)
+    ref = session(model)
+    ref.prefill(prompt)
+    full, _ = ref.decode_rows(tokens=toks)
+    full = full.copy()
+    s = session(model)
+    s.prefill(prompt)
+    s.set_layers(0, k)
+    _, h = s.decode_rows(tokens=toks, hidden=k)
+    s.truncate(len(prompt))  # frees the cells (their K/V stay) so the upper half reuses them
+    s.set_layers(k)
+    upper, _ = s.decode_rows(embd=h)
+    np.testing.assert_array_equal(upper, full)
+    s.tokens[len(prompt):] = toks
+    s.set_layers(0)
+    assert greedy(s, 7, 16) == greedy(ref, 7, 16)
+
+
+def test_gate_matches_numpy_reference(model):
+    il_gate = model.n_layer - 2
+    prompt = model.tokenize(PROMPT)
+    toks = model.tokenize(" there lived a wise old king", add_bos=False)
+    s = session(model)
+    s.prefill(prompt)
+    _, h_think = s.decode_rows(tokens=toks, hidden=il_gate)
+    s.truncate(len(prompt))
+    _, h_enc = s.decode_rows(tokens=toks, hidden=0)
+    s.truncate(len(prompt))
+    m = (np.arange(len(toks)) % 2 == 0).astype(np.float32)
+    _, gated = s.decode_rows(tokens=toks, gate=m, gate_layers=(il_gate, 0), hidden=il_gate)
+    np.testing.assert_array_equal(gated, h_enc + m[:, None] * h_think)
+    np.testing.assert_array_equal(h_enc, model.input_rows(toks))
+
+
+def test_hidden_state_outside_the_range_is_refused(model):
+    s = session(model)
+    s.prefill(model.tokenize(PROMPT))
+    s.set_layers(0, 2)
+    with pytest.raises(RequestError, match="not computed"):
+        s.decode_rows(tokens=[5], hidden=3)
+    with pytest.raises(RequestError, match="bad layer range"):
+        s.set_layers(3, 2)
+
+
+def test_unsupported_architecture_refuses_a_layer_range(tiny_model_path):
+    """qwen2's graph builder has no range support: a clear error, never wrong output."""
+    s = Session(Model(tiny_model_path("qwen2")), n_ctx=128, n_threads=2)
+    with pytest.raises(RequestError, match="does not support layer ranges"):
+        s.set_layers(0, 2)
+    s.set_layers(0)  # the full range is every builder's own graph
+
+
+def test_native_checks_hold_without_graph_reuse():
+    """The same tree/commit/layer checks with LLAMA_GRAPH_REUSE_DISABLE=1 (no stale graphs)."""
+    env = dict(os.environ, LLAMA_GRAPH_REUSE_DISABLE="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "not without_graph_reuse and not unsupported"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
