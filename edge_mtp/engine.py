@@ -50,11 +50,13 @@ class Engine:
     thread waits for the first); use several Engines for parallel work."""
 
     def __init__(self, model: str = "smollm2-135m", n_ctx: int = 4096, n_threads: int | None = None,
-                 strategy: str = "plain", flash_attn: bool = True, verbose: bool = False):
+                 strategy: str = "plain", flash_attn: bool = True, verbose: bool = False,
+                 strategy_options: dict | None = None):
         from .backend import native
 
         native.set_verbose(verbose)
-        make_strategy(strategy)  # refuse an unknown name before loading anything
+        self.strategy_options = dict(strategy_options or {})
+        make_strategy(strategy, **self.strategy_options)  # refuse bad names before loading anything
         self.strategy = strategy
         self.model_path = resolve_model(model)
         self.model = Model(self.model_path)
@@ -86,8 +88,11 @@ class Engine:
     def stream(self, prompt: str | list[dict], max_tokens: int | None = 128, *,
                temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                seed: int | None = None, stop: str | list[str] | None = None,
-               strategy: str | None = None) -> Stream:
+               strategy: str | None = None, strategy_options: dict | None = None) -> Stream:
         """Start a request; a list of {"role", "content"} messages is rendered with the chat template.
+
+        strategy ("plain", "probe", "probe:10", "lookup:4", ...) and strategy_options (e.g.
+        {"masks": 2}) override the engine's defaults for this request.
 
         max_tokens None or -1 means: until EOS, a stop string or the end of the context.
         """
@@ -104,7 +109,11 @@ class Engine:
         if not all(isinstance(s, str) for s in stops):
             raise RequestError("stop must be a string or a list of strings")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, seed))
-        gen = Generation(self.session, make_strategy(strategy or self.strategy), sampler, tokens,
+        if strategy is None:
+            strategy, options = self.strategy, {**self.strategy_options, **(strategy_options or {})}
+        else:
+            options = dict(strategy_options or {})
+        gen = Generation(self.session, make_strategy(strategy, **options), sampler, tokens,
                          max_tokens, stops)
         return Stream(self, gen, kind)
 

@@ -68,15 +68,16 @@ class Generation:
     steps: int = field(default=0, init=False)
     prompt_s: float = field(default=0.0, init=False)
     decode_s: float = field(default=0.0, init=False)
+    model_s: float = field(default=0.0, init=False)  # of decode_s, inside llama.cpp
     text: str = field(default="", init=False)
 
     def pieces(self) -> Iterator[str]:
         text = TextStream(self.stop)
         t0 = time.perf_counter()
-        pending = self.sampler(self.session.prefill(self.prompt))
-        self.strategy.begin(self.session, self.prompt)
+        pending = self.sampler(self.strategy.prefill(self.session, self.prompt))
         self.t_decode = time.perf_counter()
         self.prompt_s = self.t_decode - t0
+        self.model_s0 = self.session.model_s
         try:
             yield from self._loop(pending, text)
             tail = text.feed(b"", final=True)
@@ -84,6 +85,7 @@ class Generation:
                 yield tail
         finally:
             self.decode_s = time.perf_counter() - self.t_decode
+            self.model_s = self.session.model_s - self.model_s0
             self.text = text.text
 
     def _loop(self, pending: int, text: TextStream) -> Iterator[str]:
@@ -134,4 +136,8 @@ class Generation:
             "drafted": self.strategy.drafted,
             "accepted": self.strategy.accepted,
             "mean_accepted_tokens_per_step": round(n / self.steps, 4) if self.steps else 0.0,
+            "accepted_by_depth": list(self.strategy.accepted_by_depth),
+            "model_ms": round(self.model_s * 1e3, 3),
+            "orchestration_ms": round((self.decode_s - self.model_s) * 1e3, 3),
+            **self.strategy.stats(),
         }

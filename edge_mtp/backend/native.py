@@ -72,6 +72,7 @@ def _bind_patches(ll) -> None:
         "llama_model_get_tok_embd_rows": ([ll.llama_model_p_ctypes, p_i32, i32, ctypes.POINTER(f32)], i32),
         "llama_decode_tree": ([ll.llama_context_p_ctypes, ll.llama_batch, p_i32], i32),
         "llama_tree_commit": ([ll.llama_context_p_ctypes, p_i32, i32], i32),
+        "llama_set_exact_rows": ([ll.llama_context_p_ctypes, ctypes.c_bool], i32),
         "llama_set_layer_range": ([ll.llama_context_p_ctypes, i32, i32], i32),
         "llama_decode_gated": ([ll.llama_context_p_ctypes, ll.llama_batch, i32, i32, ctypes.POINTER(f32)], i32),
         "llama_set_hidden_output": ([ll.llama_context_p_ctypes, i32, ctypes.c_bool], None),

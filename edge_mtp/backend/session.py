@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 
 import numpy as np
 
@@ -21,12 +22,18 @@ def default_threads() -> int:
 
 
 class Session:
-    """One llama.cpp context. Flash attention is on by default: on CPU it makes a row of a batch
-    compute bit-identically to the same token decoded alone (measured on the Q4_1 default model;
-    without it rows differ by up to ~0.7 in logits), which lossless speculation relies on."""
+    """One llama.cpp context.
+
+    Lossless speculation needs every row of a verification batch to compute exactly what the same
+    token computes when decoded alone. On CPU two defaults make that hold (docs/exactness.md):
+    flash attention on (without it rows differ by up to ~0.7 in logits on the default model) and
+    exact rows on (patch P4: ggml's reference attention kernels; without it one-row decodes past
+    512 cached tokens split the KV across threads and batches of 64+ rows use a tiled kernel,
+    both summing in another order).
+    """
 
     def __init__(self, model: Model, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 512, flash_attn: bool = True):
+                 n_batch: int = 512, flash_attn: bool = True, exact_rows: bool = True):
         ll = native.llama()
         if n_ctx <= 0:
             n_ctx = model.n_ctx_train
@@ -43,9 +50,11 @@ class Session:
         if not self.ctx:
             raise BackendError(f"could not create a llama.cpp context ({native.last_log_error()})")
         self._ll = ll
+        self.exact_rows = exact_rows and native.fn("llama_set_exact_rows")(self.ctx, True) == 0
         self.n_ctx = ll.llama_n_ctx(self.ctx)
         self.mem = ll.llama_get_memory(self.ctx)
         self.tokens: list[int] = []  # what the KV cache holds, position i = tokens[i]
+        self.model_s = 0.0  # time spent inside llama.cpp decode calls, for the stats
         self._tree: np.ndarray | None = None  # token ids of a decoded, not yet committed tree
         self._ebatch = None  # embedding-row batch, made on first use
         self.layers = (0, model.n_layer)  # layer range the next decodes run (native patch P3)
@@ -97,7 +106,9 @@ class Session:
         self._out[:n] = 1 if all_logits else 0
         self._out[n - 1] = 1
         self.batch.n_tokens = n
+        t0 = time.perf_counter()
         rc = self._ll.llama_decode(self.ctx, self.batch)
+        self.model_s += time.perf_counter() - t0
         if rc != 0:
             # llama.cpp leaves a failed batch's cells allocated; drop them so the cache stays ours
             self._ll.llama_memory_seq_rm(self.mem, 0, p0, -1)
@@ -252,7 +263,9 @@ class Session:
         pos[:n] = self.n_past + depth
         out[:n] = 1
         batch.n_tokens = n
+        t0 = time.perf_counter()
         rc = native.fn("llama_decode_tree")(self.ctx, batch, parents.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)))
+        self.model_s += time.perf_counter() - t0
         if rc != 0:
             self._ll.llama_memory_seq_rm(self.mem, 0, self.n_past, -1)
             raise BackendError(f"tree decode failed with code {rc} ({native.last_log_error()})")

@@ -1,10 +1,14 @@
-"""The one protocol every decoding strategy implements."""
+"""The one protocol every decoding strategy implements, and the tree step speculative ones share."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 from ..backend import Session
 from ..sampling import Sampler
+from ..tree import TokenTree
+from ..verify import Verdict, verify
 
 
 class Strategy(ABC):
@@ -13,7 +17,7 @@ class Strategy(ABC):
     The loop calls `step` with `pending`, a token that was chosen but is not in the KV cache yet.
     The strategy commits it (and whatever it accepts) to the cache and returns the following
     tokens: at least one, the last of which is again pending. `drafted`/`accepted` count proposed
-    and verified draft tokens, for the stats.
+    and verified draft tokens, `accepted_by_depth[d]` the accepted drafts at tree depth d + 1.
     """
 
     name: str = ""
@@ -21,11 +25,37 @@ class Strategy(ABC):
     def __init__(self):
         self.drafted = 0
         self.accepted = 0
+        self.accepted_by_depth: list[int] = []
 
-    def begin(self, session: Session, prompt: list[int]) -> None:
-        """A new request starts (after prefill); reset per-request state."""
+    def prefill(self, session: Session, prompt: list[int]) -> np.ndarray:
+        """A new request: evaluate the prompt, return the last prompt token's logits."""
         self.drafted = self.accepted = 0
+        self.accepted_by_depth = []
+        return session.prefill(prompt)
 
     @abstractmethod
     def step(self, session: Session, sampler: Sampler, pending: int) -> list[int]:
         ...
+
+    def stats(self) -> dict:
+        """Strategy-specific fields for the result's speculation block."""
+        return {}
+
+    def verify_tree(self, session: Session, sampler: Sampler, tree: TokenTree) -> tuple[Verdict, np.ndarray, np.ndarray]:
+        """Decode a tree (root = the pending token), verify it, commit the accepted path.
+
+        Returns the verdict, the logits (BFS rows; valid until the next decode) and the row of
+        every inserted node.
+        """
+        tokens, parents, embd, row_of = tree.layout()
+        logits = session.decode_tree(tokens, parents, embd)
+        verdict = verify(tree, logits, row_of, sampler)
+        session.commit(row_of[verdict.path])
+        self.drafted += sum(1 for t in tree.tokens[1:] if t >= 0)
+        n_acc = len(verdict.path) - 1
+        self.accepted += n_acc
+        if len(self.accepted_by_depth) < n_acc:
+            self.accepted_by_depth.extend([0] * (n_acc - len(self.accepted_by_depth)))
+        for d in range(n_acc):
+            self.accepted_by_depth[d] += 1
+        return verdict, logits, row_of
