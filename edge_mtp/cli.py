@@ -42,6 +42,8 @@ def engine_options(fn):
         click.option("--masks", type=int, default=None, help="probe: mask tokens per node (1 or 2)"),
         click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
                      help="flash attention (on: batch rows compute exactly what single rows do)"),
+        click.option("--exact-rows/--no-exact-rows", default=True, show_default=True,
+                     help="row-invariant CPU kernels: speculation stays token-identical to plain"),
         click.option("--verbose-backend", is_flag=True, help="show llama.cpp's own log"),
     ]):
         fn = opt(fn)
@@ -61,12 +63,14 @@ def sampling_options(fn):
     return fn
 
 
-def make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, verbose_backend):
+def make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+                verbose_backend):
     from .engine import Engine
 
     options = {k: v for k, v in (("budget", budget), ("masks", masks)) if v is not None}
     return Engine(model, n_ctx=n_ctx, n_threads=n_threads, strategy=strategy,
-                  strategy_options=options, flash_attn=flash_attn, verbose=verbose_backend)
+                  strategy_options=options, flash_attn=flash_attn, exact_rows=exact_rows,
+                  verbose=verbose_backend)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,10 +88,11 @@ def main():
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with text, tokens and stats")
 @clean_errors
-def generate(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, verbose_backend,
-             temperature, top_k, top_p, min_p, seed, prompt, max_tokens, stop, as_json):
+def generate(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+             verbose_backend, temperature, top_k, top_p, min_p, seed, prompt, max_tokens, stop, as_json):
     """Complete a prompt, streaming text to stdout (or one JSON object with --json)."""
-    engine = make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, verbose_backend)
+    engine = make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+                         verbose_backend)
     stream = engine.stream(prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, seed=seed, stop=list(stop))
     if as_json:
@@ -107,13 +112,14 @@ def generate(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, verbo
               help="most tokens per answer (-1 = until EOS or the context is full)")
 @click.option("--system", default=None, help="system prompt")
 @clean_errors
-def chat(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, verbose_backend, temperature,
-         top_k, top_p, min_p, seed, max_tokens, system):
+def chat(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows, verbose_backend,
+         temperature, top_k, top_p, min_p, seed, max_tokens, system):
     """Chat in the terminal. /bye quits, /clear forgets, /set verbose shows stats; Ctrl-C stops an
     answer, Ctrl-D exits."""
     from .repl import ChatRepl
 
-    engine = make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, verbose_backend)
+    engine = make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+                         verbose_backend)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     ChatRepl(engine, model, sampling, max_tokens, system).run()
 

@@ -47,11 +47,15 @@ class Stream:
 
 class Engine:
     """A model plus one llama.cpp context. Requests on one Engine run one at a time (a second
-    thread waits for the first); use several Engines for parallel work."""
+    thread waits for the first); use several Engines for parallel work.
+
+    exact_rows (default on) makes verification batches compute bit-identically to single-token
+    decoding on CPU (docs/exactness.md); off is faster on long prompts, but speculative outputs
+    may then differ from plain decoding at near-ties."""
 
     def __init__(self, model: str = "smollm2-135m", n_ctx: int = 4096, n_threads: int | None = None,
                  strategy: str = "plain", flash_attn: bool = True, verbose: bool = False,
-                 strategy_options: dict | None = None):
+                 strategy_options: dict | None = None, exact_rows: bool = True):
         from .backend import native
 
         native.set_verbose(verbose)
@@ -60,7 +64,8 @@ class Engine:
         self.strategy = strategy
         self.model_path = resolve_model(model)
         self.model = Model(self.model_path)
-        self.session = Session(self.model, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn)
+        self.session = Session(self.model, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn,
+                               exact_rows=exact_rows)
         self.model_name = model if self.model_path.name != model else self.model_path.stem
         self._lock = threading.Lock()
 
