@@ -9,11 +9,14 @@ from edge_mtp.models import resolve_model
 
 @pytest.fixture(scope="module")
 def gemma():
-    with Engine(str(resolve_model("gemma3-270m")), n_ctx=1024, n_threads=2) as e:
+    with Engine(str(resolve_model("gemma3-270m")), n_ctx=1024, n_threads=2, strategy="plain") as e:
         yield e
 
 
 def test_greedy_equals_stock_llama_cpp_python(gemma):
+    """With exact rows off, edge-mtp runs llama.cpp's own kernels and matches stock token for token.
+    (Exact rows, the default, compute every prompt row as a single row; for this Q4_K_M model
+    that flips a near-tie at the 12th token of this prompt: docs/exactness.md.)"""
     from llama_cpp import Llama
 
     stock = Llama(str(gemma.model_path), n_ctx=1024, n_threads=2, n_threads_batch=2, flash_attn=True,
@@ -26,7 +29,9 @@ def test_greedy_equals_stock_llama_cpp_python(gemma):
         if gemma.model.is_eog(tok) or len(expected) == 24:
             break
         expected.append(tok)
-    assert gemma.generate(prompt, max_tokens=24, temperature=0)["tokens"] == expected
+    with Engine(str(gemma.model_path), n_ctx=1024, n_threads=2, strategy="plain",
+                exact_rows=False) as fast:
+        assert fast.generate(prompt, max_tokens=24, temperature=0)["tokens"] == expected
 
 
 def test_chat_without_a_chat_template_is_a_clear_error(gemma):

@@ -19,6 +19,30 @@ TOKEN_ONLY_INPUT_ARCHS = {
     "qwen3next",
 }
 
+# Weight types quantize_model writes (llama.cpp ftypes; the K-quant mixes put some tensors in
+# other types, and rows not a multiple of 256 fall back to a legacy quant).
+WEIGHT_TYPES = {
+    "F32": "LLAMA_FTYPE_ALL_F32", "F16": "LLAMA_FTYPE_MOSTLY_F16", "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
+
+
+def quantize_model(src: str | Path, dst: str | Path, weight_type: str) -> Path:
+    """Write src with its weights converted to weight_type (dequantizing or re-quantizing an
+    already quantized file): variants of one model for the exactness table and tests."""
+    if weight_type not in WEIGHT_TYPES:
+        raise RequestError(f"unknown weight type {weight_type!r} (known: {', '.join(WEIGHT_TYPES)})")
+    ll = native.llama()
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = getattr(ll, WEIGHT_TYPES[weight_type])
+    params.allow_requantize = True
+    native.clear_log()
+    if ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise ModelError(f"could not write {dst} as {weight_type} ({native.last_log_error()})")
+    return Path(dst)
+
 
 class Model:
     """Weights and vocabulary of one GGUF file (shared by every Session made from it)."""

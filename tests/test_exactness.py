@@ -1,0 +1,79 @@
+"""Exact rows (native patches P4, P5): every row of a batch (n = 2..64) computes bit for bit what
+the same token computes decoded alone, for the default model (Q4_1), its F32 variant (llamafile
+sgemm without P5) and Gemma 3 270M Q4_K_M (repacked K-quant weights), flash attention on and off;
+one-row decoding is the same with the mode on or off; and so speculation on the F32 variant and
+on Gemma gives plain greedy's tokens (see docs/exactness.md).
+"""
+import time
+
+import numpy as np
+import pytest
+
+from edge_mtp import Engine
+from edge_mtp.backend import Model, Session, quantize_model
+from edge_mtp.models import resolve_model
+
+from conftest import load_tool
+from test_strategies import FALLBACK_PROMPTS
+
+SIZES = (2, 3, 4, 8, 16, 32, 64)
+MATRIX_TOKENS = 32  # 8 short prompts x 3 runs x 2 models stay within the suite's time budget
+batch_vs_sequential = load_tool("exactness_table").batch_vs_sequential
+
+
+@pytest.fixture(scope="session")
+def f32_model_path(tmp_path_factory, model_path):
+    """The default model dequantized to F32 (about 540 MB, a few seconds)."""
+    t0 = time.perf_counter()
+    path = quantize_model(model_path, tmp_path_factory.mktemp("f32") / "smollm2-135m.F32.gguf", "F32")
+    print(f"F32 variant written in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+@pytest.fixture(scope="module", params=["default", "f32", "gemma3-270m"])
+def model(request):
+    path = {"default": lambda: request.getfixturevalue("model_path"),
+            "f32": lambda: request.getfixturevalue("f32_model_path"),
+            "gemma3-270m": lambda: resolve_model("gemma3-270m")}[request.param]()
+    m = Model(path)
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("flash_attn", [True, False], ids=["flash", "no-flash"])
+def test_batch_rows_equal_single_rows(model, flash_attn):
+    s = Session(model, n_ctx=512, n_threads=2, flash_attn=flash_attn, exact_rows=True)
+    rng = np.random.default_rng(1)
+    context = rng.integers(100, model.n_vocab - 1, size=200).tolist()
+    tokens = rng.integers(100, model.n_vocab - 1, size=max(SIZES)).tolist()
+    diffs = batch_vs_sequential(s, context, tokens, SIZES)
+    s.close()
+    assert {n: d for n, (d, _) in diffs.items()} == {n: 0.0 for n in SIZES}
+
+
+def test_exact_rows_leave_single_token_decoding_unchanged(model):
+    """Under 512 cached cells one-row decodes take the same kernels with exact rows on or off."""
+    tokens = np.random.default_rng(2).integers(100, model.n_vocab - 1, size=24).tolist()
+    logits = []
+    for exact in (False, True):
+        s = Session(model, n_ctx=64, n_threads=2, exact_rows=exact)
+        logits.append(np.stack([s.decode([t])[-1].copy() for t in tokens]))
+        s.close()
+    np.testing.assert_array_equal(logits[1], logits[0])
+
+
+@pytest.fixture(scope="module", params=["f32", "gemma3-270m"])
+def engine_and_plain(request):
+    """An engine on a model whose batched kernels differ from one row, and its plain greedy answers."""
+    path = (request.getfixturevalue("f32_model_path") if request.param == "f32"
+            else resolve_model("gemma3-270m"))
+    with Engine(str(path), n_ctx=512, n_threads=2, strategy="plain") as e:
+        yield e, [e.generate(p, max_tokens=MATRIX_TOKENS, temperature=0)["tokens"] for p in FALLBACK_PROMPTS]
+
+
+@pytest.mark.parametrize("strategy", ["probe:10", "lookup:4"])
+def test_greedy_equivalence_beyond_the_default_model(engine_and_plain, strategy):
+    engine, plain = engine_and_plain
+    for prompt, expected in zip(FALLBACK_PROMPTS, plain):
+        got = engine.generate(prompt, max_tokens=MATRIX_TOKENS, temperature=0, strategy=strategy)["tokens"]
+        assert got == expected, f"{strategy} diverged on {prompt[:40]!r}"
