@@ -27,24 +27,31 @@ class Session:
     Lossless speculation needs every row of a verification batch to compute exactly what the same
     token computes when decoded alone. On CPU two defaults make that hold (docs/exactness.md):
     flash attention on (without it rows differ by up to ~0.7 in logits on the default model) and
-    exact rows on (patch P4: ggml's reference attention kernels; without it one-row decodes past
-    512 cached tokens split the KV across threads and batches of 64+ rows use a tiled kernel,
-    both summing in another order).
+    exact rows on (patches P4, P5: every row of every batch takes the one-row kernels; without it
+    one-row decodes past 512 cached tokens split the KV across threads, batches of 64+ rows use a
+    tiled attention kernel, and matmuls of 2+ rows go through llamafile's sgemm (F32, F16, BF16,
+    Q8_0, Q4_0, Q5_0), repacked-weight gemm (Q4_0, Q4_K, IQ4_NL) or tiled K-quant kernels, each
+    summing in another order). Prompts are evaluated the same way, so a row's value never depends
+    on how the prompt and drafts were cut into batches.
     """
 
     def __init__(self, model: Model, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 512, flash_attn: bool = True, exact_rows: bool = True):
+                 n_batch: int = 512, flash_attn: bool = True, exact_rows: bool = True,
+                 f32_cache: bool = False):
         ll = native.llama()
         if n_ctx <= 0:
             n_ctx = model.n_ctx_train
         self.model = model
         self.n_threads = n_threads or default_threads()
+        self.flash_attn = flash_attn
         params = ll.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = self.n_batch = min(n_batch, n_ctx)
         params.n_threads = params.n_threads_batch = self.n_threads
         params.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if f32_cache:  # K/V in float32 instead of float16: for comparisons with float references
+            params.type_k = params.type_v = ll.GGML_TYPE_F32
         native.clear_log()
         self.ctx = ll.llama_init_from_model(model.ptr, params)
         if not self.ctx:
@@ -158,9 +165,11 @@ class Session:
         self.layers = (start, end)
 
     def decode_rows(self, tokens=None, embd: np.ndarray | None = None, gate=None,
-                    gate_layers: tuple[int, int] | None = None, hidden: int | None = None):
+                    gate_layers: tuple[int, int] | None = None, hidden: int | None = None,
+                    last_only: bool = False):
         """Append rows (token ids, or embedding rows = the input of the first layer of the range)
-        and run the current layer range; every row gets logits.
+        and run the current layer range; every row gets logits (only the last with last_only:
+        the output head is the costly part of a many-row pass on a large vocabulary).
 
         gate (one float per row) with gate_layers = (il_gate, il_src): the input of layer il_gate
         becomes h(il_src) + gate * h(il_gate), DMTD's h_enc + m * h_think (il_src 0: the input rows).
@@ -189,8 +198,10 @@ class Session:
             self._tok[:n] = tokens
         p0 = self.n_past
         pos[:n] = np.arange(p0, p0 + n, dtype=np.int32)
-        out[:n] = 1
+        out[:n] = 0 if last_only else 1
+        out[n - 1] = 1
         batch.n_tokens = n
+        t0 = time.perf_counter()
         if gate is None:
             rc = self._ll.llama_decode(self.ctx, batch)
         else:
@@ -199,12 +210,14 @@ class Session:
                 raise RequestError("gate needs one value per row and gate_layers=(il_gate, il_src)")
             rc = native.fn("llama_decode_gated")(self.ctx, batch, gate_layers[0], gate_layers[1],
                                                  g.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        self.model_s += time.perf_counter() - t0
         if rc != 0:
             self._ll.llama_memory_seq_rm(self.mem, 0, p0, -1)
             raise BackendError(f"decode of layers [{start}, {end}) failed with code {rc} "
                                f"({native.last_log_error()})")
         self.tokens.extend(int(t) for t in tokens) if tokens is not None else self.tokens.extend([-1] * n)
-        logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self.ctx), shape=(n, self.model.n_vocab))
+        logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self.ctx),
+                                       shape=(1 if last_only else n, self.model.n_vocab))
         h = None
         if hidden is not None:
             ptr = native.fn("llama_get_hidden")(self.ctx, hidden)

@@ -1,0 +1,141 @@
+"""DMTD (Direct Multi-Token Decoding): a fine-tuned model decodes a cycle of tau tokens with one
+full pass and tau - 1 passes through only its late (decoding) layers. Lossy by design: the output
+is the DMTD model's own distribution, nothing is verified (docs/dmtd.md, papers.md §1.2-1.3).
+
+Layers split into encoding [0, E), thinking [E, E+T) and decoding [E+T, N). The decoding layers'
+input is h_enc + m * h_think with m = 1 on a cycle head, 0 elsewhere (native patch P3's gate).
+- Prompt: one pass through all layers, every row gated with m = 1 (the authors' released
+  reference treats prompt rows as heads).
+- Cycle phase is anchored at the prompt end: the first generated token is a head.
+- Head step: the tau - 1 positions the last cycle skipped plus the head, as one causal block
+  through all layers, gate m = (0, ..., 0, 1) (cyclical refilling: the skipped positions get their
+  thinking-layer K/V; their encoding and decoding K/V come out as before, as the inputs are the
+  same). Only the head row has logits.
+- Other steps: h_enc of the token (E = 0: its embedding) through the decoding layers only.
+Tokens go in as exact embedding rows, so the session marks these cells as non-reusable (-1): no
+later request takes a DMTD cell for a plain one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from ..errors import RequestError
+from ..gguf_meta import DmtdConfig, read_dmtd
+from .base import Strategy
+
+
+@functools.lru_cache(maxsize=8)
+def _dmtd_of_file(path: str, mtime_ns: int, size: int) -> DmtdConfig | None:
+    return read_dmtd(path)
+
+
+def model_dmtd(model) -> DmtdConfig:
+    """The validated DMTD split of a loaded model; RequestError when it is not a DMTD model."""
+    st = os.stat(model.path)
+    cfg = _dmtd_of_file(str(model.path), st.st_mtime_ns, st.st_size)
+    if cfg is None:
+        raise RequestError(f"{model.path.name} is not a DMTD model (no dmtd.* metadata); convert a "
+                           "DMTD checkpoint with `edge-mtp convert`")
+    if cfg.n_layer != model.n_layer:
+        raise RequestError(f"{model.path.name}: DMTD layer counts add up to {cfg.n_layer}, "
+                           f"the model has {model.n_layer} layers")
+    return cfg
+
+
+class Dmtd(Strategy):
+    """`dmtd` runs the trained cycle length, `dmtd:3` (budget = tau) a shorter one."""
+
+    name = "dmtd"
+
+    def __init__(self, budget: int | None = None):
+        super().__init__()
+        if budget is not None and (not isinstance(budget, int) or budget < 1):
+            raise RequestError(f"dmtd cycle length must be an integer >= 1, got {budget!r}")
+        self.requested_tau = budget
+        self.cfg: DmtdConfig | None = None
+        self.tau = 0
+        self.prompt_len = 0
+        self.generated: list[int] = []  # tokens fed at positions prompt_len, prompt_len + 1, ...
+        self.full_passes = self.late_passes = self.refilled = 0
+
+    def prefill(self, session, prompt):
+        self.drafted = self.accepted = 0
+        self.accepted_by_depth = []
+        self.cfg = cfg = model_dmtd(session.model)
+        self.tau = self.requested_tau or cfg.cycle
+        if self.tau > cfg.cycle:
+            raise RequestError(f"dmtd cycle length {self.tau} is longer than the {cfg.cycle} the "
+                               "model was trained with")
+        if not prompt:
+            raise RequestError("empty prompt: nothing to condition on")
+        if len(prompt) >= session.n_ctx:
+            raise RequestError(f"prompt has {len(prompt)} tokens, the context holds {session.n_ctx}; "
+                               "shorten it or raise n_ctx")
+        self.prompt_len, self.generated = len(prompt), []
+        self.full_passes = self.late_passes = self.refilled = 0
+        session.truncate(0)
+        session.set_layers(0)
+        logits = None
+        for i in range(0, len(prompt), session.n_batch):
+            chunk = prompt[i:i + session.n_batch]
+            logits = self._full_pass(session, chunk, np.ones(len(chunk), dtype=np.float32))
+        return logits
+
+    def step(self, session, sampler, pending):
+        local = session.n_past - self.prompt_len  # the pending token's place in the cycle phase
+        self.generated.append(pending)
+        if local % self.tau == 0:
+            refill = min(local, self.tau - 1)
+            block = self.generated[len(self.generated) - 1 - refill:]
+            session.truncate(session.n_past - refill)
+            gate = np.zeros(len(block), dtype=np.float32)
+            gate[-1] = 1.0
+            logits = self._full_pass(session, block, gate)
+            self.full_passes += 1
+            self.refilled += refill
+        else:
+            logits = self._late_pass(session, pending)
+            self.late_passes += 1
+        return [sampler(logits)]
+
+    def _full_pass(self, session, tokens, gate) -> np.ndarray:
+        """All layers over `tokens`, decoding-layer input h_enc + gate * h_think; last row's logits."""
+        cfg = self.cfg
+        logits, _ = session.decode_rows(embd=session.model.input_rows(tokens), gate=gate,
+                                        gate_layers=(cfg.late_start, cfg.encoding_layers),
+                                        last_only=True)
+        return logits[-1]
+
+    def _late_pass(self, session, token: int) -> np.ndarray:
+        """The token's h_enc through the decoding layers only (no thinking-layer K/V written)."""
+        cfg = self.cfg
+        rows = session.model.input_rows([token])
+        try:
+            if cfg.encoding_layers:
+                pos = session.n_past
+                session.set_layers(0, cfg.encoding_layers)
+                _, rows = session.decode_rows(embd=rows, hidden=cfg.encoding_layers, last_only=True)
+                session.truncate(pos)  # the cell is freed, its encoding-layer K/V stay for the next pass
+            session.set_layers(cfg.late_start)
+            logits, _ = session.decode_rows(embd=rows, last_only=True)
+            return logits[-1]
+        finally:
+            session.set_layers(0)  # other strategies (and our head steps) run the full model
+
+    def stats(self) -> dict:
+        cfg, passes = self.cfg, self.full_passes + self.late_passes
+        if cfg is None:
+            return {"tau": self.tau}
+        late_layers = cfg.encoding_layers + cfg.decoding_layers
+        layers = self.full_passes * cfg.n_layer + self.late_passes * late_layers
+        return {
+            "tau": self.tau,
+            "dmtd_split": cfg.label,
+            "full_passes": self.full_passes,
+            "late_passes": self.late_passes,
+            "refilled_rows": self.refilled,
+            "layer_fraction": round(layers / (passes * cfg.n_layer), 4) if passes else 1.0,
+        }
