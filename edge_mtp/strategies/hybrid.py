@@ -1,0 +1,147 @@
+"""`hybrid`: prompt-lookup drafts and probing-mask drafts verified in one tree under one row budget.
+
+Every row of the budget goes to whichever candidate is worth most, each valued by its estimated
+chance of acceptance (each costs one row, and comes only after its parent):
+- lookup chain draft i (lookup.py's n-gram continuation after an L-token match): accepted with
+  prod_{j<=i} a(L + j - 1), a(l) the running acceptance rate of a lookup draft token after an
+  l-token match (auto.py's estimate: a Beta posterior per match length, same priors);
+- mask candidate of rank r for depth 1 (proposed by the previous tree's deepest accepted node's
+  mask, k = 1): right with h(r), the running rate at which rank r was the true next token
+  (observed every step, whether or not the candidate was in the tree);
+- the mask row of a node: it proposes the next step's mask candidates if this node ends up the
+  deepest accepted one, valued h(0) * P(node is the deepest accepted) (h(0): what the best mask
+  candidate would add next step).
+A best-first fill therefore maximises this step's expected accepted tokens plus the expected
+value of having mask candidates next step: lookup takes the rows when its match is long, the
+masks when it is short or absent. A mask candidate equal to the chain's first draft is the same
+node. The shared verifier decides, so hybrid is lossless; masks never influence token rows.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import numpy as np
+
+from ..errors import RequestError
+from ..tree import TokenTree
+from .auto import LONGEST, PRIOR, PRIOR_WEIGHT
+from .base import Strategy
+from .lookup import Lookup
+from .probe import Masks
+
+DEFAULT_BUDGET = 10
+MAX_CHAIN = 10  # the longest lookup chain, as in the prompt-lookup baseline
+# h(r) priors: the teacher-forced chance that a mean-initialised mask's rank-r candidate is the
+# true next-but-one token (the probing issue: top-1 0.077, top-4 0.184, top-14 0.300, top-29 0.380)
+RANK_PRIOR = np.concatenate([[0.077], np.full(3, 0.107 / 3), np.full(10, 0.116 / 10),
+                             np.full(15, 0.080 / 15), np.full(MAX_CHAIN + 100, 0.002)])
+RANK_WEIGHT = 8.0  # pseudo-observations behind the rank priors
+
+
+class Hybrid(Strategy):
+    name = "hybrid"
+
+    def __init__(self, budget: int = DEFAULT_BUDGET, lam: float = 0.1, init: str = "mean"):
+        super().__init__()
+        if not isinstance(budget, int) or not 2 <= budget <= len(RANK_PRIOR):
+            raise RequestError(f"hybrid needs a budget of 2..{len(RANK_PRIOR)} rows (root and a draft), "
+                               f"got {budget!r}")
+        self.budget = budget
+        self.masks = Masks(1, lam, init)
+        self.keep = [budget]  # mask candidates kept: more than any step can use
+
+    def prefill(self, session, prompt):
+        super().prefill(session, prompt)
+        self.lookup = Lookup(budget=MAX_CHAIN + 1)
+        self.lookup.start(prompt)
+        self.chain_hits, self.chain_trials = PRIOR * PRIOR_WEIGHT, np.full(len(PRIOR), PRIOR_WEIGHT)
+        self.rank_hits, self.rank_trials = RANK_PRIOR[:self.budget] * RANK_WEIGHT, RANK_WEIGHT
+        self.accepted_from = {"lookup": 0, "masks": 0}
+        return self.masks.prefill(session, prompt, self.keep)
+
+    def step(self, session, sampler, pending):
+        self.masks.absorb([pending])
+        lk = self.lookup
+        lk.history.append(pending)
+        rows = min(self.budget, session.n_ctx - session.n_past)
+        match, chain = lk.find(min(MAX_CHAIN, rows - 1), longest=LONGEST)
+        tree, masks_of, source = self._plan(pending, match, chain, rows)
+        verdict, logits, row_of = self.verify_tree(session, sampler, tree)
+        self._learn(match, chain, verdict.tokens)
+        for node in verdict.path[1:]:
+            for s in source[node]:
+                self.accepted_from[s] += 1
+        if verdict.deepest in masks_of:
+            self.masks.propose(logits, row_of, masks_of[verdict.deepest], self.keep)
+        else:
+            self.masks.proposal = []
+        self.masks.absorb(verdict.tokens[:-1])  # the bonus is absorbed when it is the next root
+        lk.history.extend(verdict.tokens[:-1])
+        return verdict.tokens
+
+    def _plan(self, pending: int, match: int, chain: list[int], rows: int):
+        """Fill `rows` rows best first; returns the tree, the mask rows of each masked node and
+        the sources of each draft node."""
+        a = self.chain_hits / self.chain_trials
+        h = self.rank_hits / self.rank_trials
+        tree = TokenTree()
+        root = tree.add(pending, -1)
+        p_of, kids_p, masks_of, source = {root: 1.0}, {root: 0.0}, {}, {root: ()}
+        heap: list = []
+        order = itertools.count()
+
+        def offer(value: float, *item) -> None:
+            heapq.heappush(heap, (-value, next(order), item))
+
+        p_first, first_source = (a[min(match, LONGEST)], ("lookup",)) if chain else (0.0, ())
+        if self.masks.proposal:
+            for r, c in enumerate(self.masks.proposal[0][0]):
+                if c == pending:
+                    continue  # pruned: a repeat of its parent
+                if chain and c == chain[0]:  # both sources propose it: one node
+                    p_first, first_source = max(p_first, h[r]), ("lookup", "masks")
+                else:
+                    offer(h[r], "draft", root, int(c), None, ("masks",))
+        if chain:
+            offer(p_first, "draft", root, chain[0], 0, first_source)
+        offer(h[0], "mask", root)
+        while heap and len(tree) < rows:
+            neg_value, _, item = heapq.heappop(heap)
+            if item[0] == "mask":
+                node = item[1]
+                value = h[0] * (p_of[node] - kids_p[node])
+                if value < -neg_value * (1 - 1e-9):  # children were added since: re-rank
+                    offer(value, *item)
+                    continue
+                masks_of[node] = self.masks.add(tree, node)
+                continue
+            _, parent, token, at, src = item
+            node = tree.add(token, parent)
+            p_of[node], kids_p[node], source[node] = -neg_value, 0.0, src
+            kids_p[parent] += -neg_value
+            offer(h[0] * -neg_value, "mask", node)
+            if at is not None and at + 1 < len(chain):
+                offer(-neg_value * a[min(match + at + 1, LONGEST)], "draft", node, chain[at + 1], at + 1,
+                      ("lookup",))
+        return tree, masks_of, source
+
+    def _learn(self, match: int, chain: list[int], truth: list[int]) -> None:
+        """Update h(r) with the true next token and a(l) along the chain as far as truth reaches."""
+        if self.masks.proposal:
+            self.rank_trials += 1
+            hit = np.flatnonzero(self.masks.proposal[0][0] == truth[0])
+            if hit.size:
+                self.rank_hits[hit[0]] += 1
+        for i, token in enumerate(chain[:len(truth)]):
+            length = min(match + i, LONGEST)
+            self.chain_trials[length] += 1
+            if token != truth[i]:
+                break
+            self.chain_hits[length] += 1
+
+    def stats(self) -> dict:
+        m = self.masks
+        return {"budget": self.budget, "init": m.init, "lambda": m.lam,
+                "accepted_from_lookup": self.accepted_from["lookup"],
+                "accepted_from_masks": self.accepted_from["masks"]}
