@@ -1,0 +1,317 @@
+"""`edge-mtp bench`: MAT, tokens/s and speedup of decoding strategies on a Spec-Bench-schema JSONL.
+
+Spec-Bench protocol: batch 1, greedy, every turn of a question in order with the chat template,
+the conversation continued with plain decoding's answer. Every strategy decodes each turn right
+after plain, from a cleared KV cache (all pay the same prompt pass), so machine noise hits all
+alike and speedups are ratios taken in one run. Each strategy's tokens are compared with plain's:
+a lossless strategy must match them token for token.
+
+Input lines: {"question_id": int, "category": str, "turns": [str, ...]}; the subtask is "mt_bench"
+for question_id <= 160 (Spec-Bench's MT-Bench block), else the category.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import __version__
+from .errors import RequestError
+from .strategies import make_strategy
+
+REFERENCE = "plain"
+MT_BENCH_LAST_ID = 160
+
+
+def subtask_of(question: dict) -> str:
+    return "mt_bench" if question["question_id"] <= MT_BENCH_LAST_ID else question["category"]
+
+
+def parse_strategies(text: str) -> list[str]:
+    """Comma-separated strategy specs, each checked by make_strategy; plain is added if missing
+    (every speedup is relative to it)."""
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    for spec in specs:
+        make_strategy(spec)
+    dupes = sorted({s for s in specs if specs.count(s) > 1})
+    if dupes:
+        raise RequestError(f"strategy listed twice: {', '.join(dupes)}")
+    return specs if REFERENCE in specs else [REFERENCE, *specs]
+
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Questions of a Spec-Bench-schema JSONL, in file order; with limit, the first `limit` of
+    each subtask."""
+    path = Path(path)
+    if not path.is_file():
+        raise RequestError(f"data file not found: {path}")
+    if limit is not None and limit < 1:
+        raise RequestError(f"--limit must be at least 1, got {limit}")
+    questions, per_subtask = [], {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{path.name}:{lineno}: not JSON ({e.msg})") from None
+        if not (isinstance(q, dict) and isinstance(q.get("question_id"), int)
+                and isinstance(q.get("category"), str) and isinstance(q.get("turns"), list)
+                and q["turns"] and all(isinstance(t, str) for t in q["turns"])):
+            raise RequestError(f"{path.name}:{lineno}: expected question_id (int), category (str) "
+                               "and turns (non-empty list of str)")
+        task = subtask_of(q)
+        per_subtask[task] = per_subtask.get(task, 0) + 1
+        if limit is None or per_subtask[task] <= limit:
+            questions.append(q)
+    if not questions:
+        raise RequestError(f"no questions in {path.name}")
+    return questions
+
+
+@dataclass
+class Tally:
+    """One strategy's sums over the turns of one subtask."""
+
+    turns: int = 0
+    tokens: int = 0          # generated tokens
+    steps: int = 0           # forward passes that produced them, the prompt pass included
+    decode_tokens: int = 0   # tokens of the decode phase (the prompt pass gives the first)
+    decode_steps: int = 0    # strategy steps in the decode phase
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
+    model_s: float = 0.0     # of decode_s, inside llama.cpp
+    mismatches: int = 0      # turns whose tokens differ from plain's
+
+    def add(self, result: dict, mismatch: bool) -> None:
+        n, spec, timing = len(result["tokens"]), result["speculation"], result["timings"]
+        self.turns += 1
+        self.tokens += n
+        self.steps += spec["steps"]
+        self.decode_tokens += max(n - 1, 0)
+        self.decode_steps += max(spec["steps"] - 1, 0)
+        self.prompt_s += timing["prompt_ms"] / 1e3
+        self.decode_s += timing["decode_ms"] / 1e3
+        self.model_s += spec["model_ms"] / 1e3
+        self.mismatches += mismatch
+
+    def __iadd__(self, other: "Tally") -> "Tally":
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    def end_to_end_tokens_per_second(self) -> float:
+        seconds = self.prompt_s + self.decode_s
+        return self.tokens / seconds if seconds else 0.0
+
+    def summary(self, reference: "Tally", questions: int) -> dict:
+        orchestration_s = self.decode_s - self.model_s
+        ref_tps, ref_e2e = reference.tokens_per_second(), reference.end_to_end_tokens_per_second()
+        per_step = 1e3 / self.decode_steps if self.decode_steps else 0.0
+        return {
+            "mat": round(self.tokens / self.steps, 4) if self.steps else 0.0,
+            "tokens_per_second": round(self.tokens_per_second(), 3),
+            "speedup": round(self.tokens_per_second() / ref_tps, 4) if ref_tps else 0.0,
+            "identical_to_plain": self.mismatches == 0,
+            "mismatches": self.mismatches,
+            "questions": questions,
+            "turns": self.turns,
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "decode_seconds": round(self.decode_s, 4),
+            "model_seconds": round(self.model_s, 4),
+            "orchestration_seconds": round(orchestration_s, 4),
+            "orchestration_share": round(orchestration_s / self.decode_s, 4) if self.decode_s else 0.0,
+            "model_ms_per_step": round(self.model_s * per_step, 3),
+            "python_ms_per_step": round(orchestration_s * per_step, 3),
+            "prompt_seconds": round(self.prompt_s, 4),
+            "end_to_end_tokens_per_second": round(self.end_to_end_tokens_per_second(), 3),
+            "end_to_end_speedup": (round(self.end_to_end_tokens_per_second() / ref_e2e, 4)
+                                   if ref_e2e else 0.0),
+        }
+
+
+def run(engine, questions: list[dict], strategies: list[str], max_new_tokens: int,
+        progress: bool = True) -> dict[str, dict[str, Tally]]:
+    """Decode every turn with plain, then with each other strategy; tallies per subtask."""
+    order = [REFERENCE] + [s for s in strategies if s != REFERENCE]
+    warm_up(engine, questions[0]["turns"][0], order)
+    tallies: dict[str, dict[str, Tally]] = {}
+    bar = tqdm(total=sum(len(q["turns"]) for q in questions), unit="turn", disable=not progress,
+               dynamic_ncols=True)
+    with bar:
+        for q in questions:
+            task = subtask_of(q)
+            per = tallies.setdefault(task, {s: Tally() for s in strategies})
+            bar.set_description(f"{task} {q['question_id']}")
+            history: list[dict] = []
+            for turn in q["turns"]:
+                history.append({"role": "user", "content": turn})
+                ref = None
+                for spec in order:
+                    engine.session.clear()  # no prompt-prefix reuse: every run pays the same prefill
+                    r = engine.chat(history, max_tokens=max_new_tokens, temperature=0, strategy=spec)
+                    ref = ref or r
+                    per[spec].add(r, r["tokens"] != ref["tokens"])
+                history.append({"role": "assistant", "content": ref["text"]})
+                bar.update(1)
+    return tallies
+
+
+def warm_up(engine, text: str, strategies: list[str]) -> None:
+    """A few untimed tokens per strategy, so first-use costs (page faults of the weights, buffer
+    allocations, a strategy's one-time set-up) do not land on whichever strategy runs first."""
+    for spec in strategies:
+        engine.session.clear()
+        engine.chat([{"role": "user", "content": text}], max_tokens=4, temperature=0, strategy=spec)
+
+
+def summarize(tallies: dict[str, dict[str, Tally]], questions: list[dict],
+              strategies: list[str]) -> tuple[dict, dict]:
+    """Per-subtask and overall fields of results.json."""
+    counts: dict[str, int] = {}
+    for q in questions:
+        counts[subtask_of(q)] = counts.get(subtask_of(q), 0) + 1
+    subtasks = {task: {s: per[s].summary(per[REFERENCE], counts[task]) for s in strategies}
+                for task, per in tallies.items()}
+    totals = {s: Tally() for s in strategies}
+    for per in tallies.values():
+        for s in strategies:
+            totals[s] += per[s]
+    overall = {s: totals[s].summary(totals[REFERENCE], len(questions)) for s in strategies}
+    return subtasks, overall
+
+
+def bench(engine, questions: list[dict], strategies: list[str], max_new_tokens: int,
+          command: str = "", progress: bool = True) -> dict:
+    """Run the benchmark; the results.json dict."""
+    tallies = run(engine, questions, strategies, max_new_tokens, progress)
+    subtasks, overall = summarize(tallies, questions, strategies)
+    return {
+        "model": engine.model_name,
+        "device": device_info(engine),
+        "max_new_tokens": max_new_tokens,
+        "strategies": list(strategies),
+        "subtasks": subtasks,
+        "overall": overall,
+        "edge_mtp_version": __version__,
+        "questions": len(questions),
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def device_info(engine) -> dict:
+    """The profile's device fields plus what else decides a speed: Python and the backend build."""
+    from importlib import metadata
+
+    from .backend.native import build_key
+    from .profile import device_info as profile_device_info
+
+    return {**profile_device_info(engine.session), "python": platform.python_version(),
+            "backend": {"llama_cpp_python": metadata.version("llama_cpp_python"), "build": build_key()}}
+
+
+# -- reports -------------------------------------------------------------------------------------
+def markdown_table(rows: dict[str, dict]) -> str:
+    """One row per strategy."""
+    lines = ["| strategy | MAT | tok/s | speedup | identical to plain | model ms/step | "
+             "python ms/step | python share | end-to-end speedup |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        same = "yes" if r["identical_to_plain"] else f"no ({r['mismatches']} of {r['turns']} turns)"
+        lines.append(f"| {name} | {r['mat']:.2f} | {r['tokens_per_second']:.1f} | "
+                     f"{r['speedup']:.2f}x | {same} | {r['model_ms_per_step']:.2f} | "
+                     f"{r['python_ms_per_step']:.2f} | {r['orchestration_share']:.1%} | "
+                     f"{r['end_to_end_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def speedup_table(results: dict) -> str:
+    """Subtasks as rows, strategies as columns: the chart as numbers."""
+    names = results["strategies"]
+    lines = ["| subtask | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    rows = {**results["subtasks"], "overall": results["overall"]}
+    for task, per in rows.items():
+        lines.append(f"| {task} | " + " | ".join(
+            f"{per[s]['speedup']:.2f}x" + ("" if per[s]["identical_to_plain"] else " (differs)")
+            for s in names) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    d = results["device"]
+    parts = [f"# edge-mtp bench: {results['model']}", ""]
+    if results["command"]:
+        parts += [f"    {results['command']}", ""]
+    parts += [
+        f"edge-mtp {results['edge_mtp_version']}, {results['created']}; "
+        f"{plural(results['questions'], 'question')}, greedy, at most {results['max_new_tokens']} "
+        "new tokens per turn; "
+        f"{d['cpu']}, {plural(d['cores'], 'core')}, {plural(d['threads'], 'thread')}, {d['os']}.",
+        "",
+        "MAT = generated tokens / forward passes (the prompt pass included); tok/s = decode-phase "
+        "tokens per second (after the prompt pass); speedup = tok/s / plain's tok/s in this run; "
+        "model / python ms per step = time inside llama.cpp / the rest of a decode step; python "
+        "share = python time / decode time; end-to-end speedup counts the prompt pass too.",
+        "",
+        "## Speedup per subtask",
+        "",
+        speedup_table(results),
+        "",
+        "## Overall",
+        "",
+        markdown_table(results["overall"]),
+    ]
+    for task, rows in results["subtasks"].items():
+        n = next(iter(rows.values()))["questions"]
+        parts += ["", f"## {task} ({plural(n, 'question')})", "", markdown_table(rows)]
+    return "\n".join(parts) + "\n"
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def plot_speedup(results: dict, path: Path) -> None:
+    """Grouped bars: speedup vs plain per subtask (and overall) per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*results["subtasks"], "overall"]
+    rows = {**results["subtasks"], "overall": results["overall"]}
+    names = [s for s in results["strategies"] if s != REFERENCE]
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4))
+    for i, name in enumerate(names):
+        xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [rows[g][name]["speedup"] for g in groups], width, label=name)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="plain")
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    ax.set_ylabel("speedup vs plain (tokens/s)")
+    ax.set_title(f"{results['model']}, {results['max_new_tokens']} tokens, "
+                 f"{results['device']['threads']} threads")
+    ax.legend(fontsize="small", ncols=min(len(names) + 1, 4))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict, out_dir: str | Path) -> list[Path]:
+    """results.json, results.md and speedup.png in out_dir (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "speedup.png"]
+    paths[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(results), encoding="utf-8")
+    plot_speedup(results, paths[2])
+    return paths
