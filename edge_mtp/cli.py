@@ -35,10 +35,12 @@ def engine_options(fn):
                      help="context size in tokens (0 = the model's training context)"),
         click.option("-t", "--threads", "n_threads", default=None, type=int,
                      help="CPU threads (default: all cores, at most 8)"),
-        click.option("--strategy", default="plain", show_default=True,
-                     help="decoding strategy: plain, probe, lookup (name or name:budget)"),
+        click.option("--strategy", default="auto", show_default=True,
+                     help="decoding strategy: plain, probe, lookup, lookahead, auto, dmtd (DMTD "
+                          "models; dmtd:TAU) (name or name:budget)"),
         click.option("--budget", type=int, default=None,
-                     help="rows per forward pass for speculative strategies (probe: 4, 6, 10, 30, 60)"),
+                     help="rows per forward pass for speculative strategies "
+                          "(probe: 4, 6, 10, 30, 60; lookahead: >= 4)"),
         click.option("--masks", type=int, default=None, help="probe: mask tokens per node (1 or 2)"),
         click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
                      help="flash attention (on: batch rows compute exactly what single rows do)"),
@@ -68,9 +70,17 @@ def make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, ex
     from .engine import Engine
 
     options = {k: v for k, v in (("budget", budget), ("masks", masks)) if v is not None}
-    return Engine(model, n_ctx=n_ctx, n_threads=n_threads, strategy=strategy,
-                  strategy_options=options, flash_attn=flash_attn, exact_rows=exact_rows,
-                  verbose=verbose_backend)
+    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, strategy=strategy,
+                    strategy_options=options, flash_attn=flash_attn, exact_rows=exact_rows,
+                    verbose=verbose_backend)
+    if strategy.partition(":")[0] == "auto":
+        from .profile import CONTEXT, GRID, get_profile, load_profile
+
+        if engine.n_ctx >= CONTEXT + GRID[-1] + 1 and load_profile(engine.session) is None:
+            click.echo("edge-mtp: measuring this device once for the auto strategy (about 10 s; "
+                       "`edge-mtp calibrate` shows the curve)", err=True)
+            get_profile(engine.session)
+    return engine
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,6 +135,42 @@ def chat(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_row
 
 
 @main.command()
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="model name (see `edge-mtp models`) or path to a .gguf file")
+@click.option("-t", "--threads", "n_threads", default=None, type=int,
+              help="CPU threads (default: all cores, at most 8)")
+@click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
+@click.option("--exact-rows/--no-exact-rows", default=True, show_default=True)
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 50),
+              help="interleaved timing rounds (the fastest per row count counts)")
+@click.option("--late-layers", multiple=True, type=click.IntRange(1),
+              help="also time one row through only the last D layers (DMTD; repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
+@clean_errors
+def calibrate(model, n_threads, flash_attn, exact_rows, rounds, late_layers, as_json):
+    """Measure what a forward pass of n rows costs here (n = 1..64), the curve `auto` decides by.
+
+    The profile is cached per model file, threads, backend build and mode, and re-measured here."""
+    from dataclasses import asdict
+
+    from .backend import Model, Session
+    from .errors import RequestError
+    from .models import resolve_model
+    from .profile import CONTEXT, GRID, measure
+
+    m = Model(resolve_model(model))
+    for d in late_layers:
+        if d > m.n_layer:
+            raise RequestError(f"--late-layers {d}: the model has {m.n_layer} layers")
+    session = Session(m, n_ctx=CONTEXT + GRID[-1] + 1, n_threads=n_threads, flash_attn=flash_attn,
+                      exact_rows=exact_rows)
+    with click.progressbar(length=rounds, label="timing", file=sys.stderr) as bar:
+        prof = measure(session, rounds=rounds, late_layers=tuple(late_layers),
+                       progress=lambda done, total: bar.update(1))
+    click.echo(json.dumps(asdict(prof)) if as_json else prof.table())
+
+
+@main.command()
 @click.argument("name")
 @clean_errors
 def pull(name):
@@ -143,6 +189,84 @@ def models():
     for m in list_models():
         state = "cached" if m["cached"] else "not pulled"
         click.echo(f"{m['name']:<16} {m['size'] / 1e6:8.1f} MB  {state:<10}  {m['description']}")
+
+
+@main.command()
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="model name (see `edge-mtp models`) or path to a .gguf file")
+@click.option("--data", required=True, help="questions as Spec-Bench JSONL (question_id, category, turns)")
+@click.option("--strategies", default="plain,lookup,probe:4,probe:10", show_default=True,
+              help="comma-separated strategies to compare (plain, the reference, is always run)")
+@click.option("-n", "--n-predict", "max_tokens", default=128, show_default=True, type=int,
+              help="most new tokens per turn")
+@click.option("--limit", type=int, default=None, help="only the first K questions of each subtask")
+@click.option("--out", default=None, help="output folder [default: ./bench-results/MODEL-TIMESTAMP]")
+@click.option("-t", "--threads", "n_threads", default=None, type=int,
+              help="CPU threads (default: all cores, at most 8)")
+@click.option("-c", "--ctx-size", "n_ctx", default=4096, show_default=True, type=int,
+              help="context size in tokens")
+@clean_errors
+def bench(model, data, strategies, max_tokens, limit, out, n_threads, n_ctx):
+    """Compare strategies on a benchmark, interleaved per turn: MAT, tokens/s, speedup vs plain and
+    token equality with plain, per subtask; writes results.json, results.md and speedup.png."""
+    import re
+    import shlex
+    import time
+    from pathlib import Path
+
+    from . import bench as benchmark
+    from .engine import Engine
+    from .errors import RequestError
+
+    specs = benchmark.parse_strategies(strategies)
+    if max_tokens < 1:
+        raise RequestError(f"-n must be at least 1, got {max_tokens}")
+    questions = benchmark.load_questions(data, limit)
+    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads)
+    command = shlex.join(["edge-mtp", *sys.argv[1:]])
+    results = benchmark.bench(engine, questions, specs, max_tokens, command)
+    if out is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", engine.model_name)
+        out = Path("bench-results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = benchmark.write_report(results, out)
+    click.echo(benchmark.markdown_table(results["overall"]))
+    click.echo(f"results: {', '.join(str(p) for p in paths)}")
+
+
+@main.command()
+@click.argument("hf_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write")
+@click.option("--outtype", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
+@click.option("--dmtd-cycle", type=click.IntRange(1), default=None,
+              help="DMTD cycle length to record (default: config.json's mtp_horizon)")
+@clean_errors
+def convert(hf_dir, out, outtype, dmtd_cycle):
+    """Convert a Hugging Face checkpoint (llama, qwen3; DMTD or not) to GGUF with llama.cpp's own
+    converter, writing the dmtd.* keys of a DMTD checkpoint. Needs `pip install 'edge-mtp[convert]'`."""
+    from .convert import convert as run_convert
+
+    click.echo(str(run_convert(hf_dir, out, outtype, dmtd_cycle)))
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@clean_errors
+def inspect(file, as_json):
+    """Show a GGUF's architecture, layers, quantization, DMTD split and chat template."""
+    from .convert import describe
+
+    info = describe(file)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    types = ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items())
+    dmtd = info["dmtd"]
+    click.echo(f"architecture   {info['architecture']} ({info['name']})\n"
+               f"layers         {info['layers']}\n"
+               f"quantization   {info['file_type']} ({info['tensors']} tensors: {types})\n"
+               f"dmtd           {dmtd['split'] if dmtd else 'no (not a DMTD model)'}\n"
+               f"chat template  {'yes' if info['chat_template'] else 'no'}")
 
 
 if __name__ == "__main__":

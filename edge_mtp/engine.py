@@ -49,12 +49,17 @@ class Engine:
     """A model plus one llama.cpp context. Requests on one Engine run one at a time (a second
     thread waits for the first); use several Engines for parallel work.
 
-    exact_rows (default on) makes verification batches compute bit-identically to single-token
-    decoding on CPU (docs/exactness.md); off is faster on long prompts, but speculative outputs
-    may then differ from plain decoding at near-ties."""
+    strategy "auto" (the default) measures this device once (edge_mtp.profile, cached per model,
+    threads and mode; about 10 s on the first auto request) and speculates only where the
+    predicted gain beats the measured cost of the extra rows; "plain" never speculates.
+
+    exact_rows (default on) makes every batch row compute bit-identically to single-token
+    decoding on CPU, for every common weight type (docs/exactness.md); off runs llama.cpp's own
+    batched kernels (stock numerics, faster prompt prefill for F32/F16/Q8_0/Q4_0/K-quant weights),
+    but speculative outputs may then differ from plain decoding at near-ties."""
 
     def __init__(self, model: str = "smollm2-135m", n_ctx: int = 4096, n_threads: int | None = None,
-                 strategy: str = "plain", flash_attn: bool = True, verbose: bool = False,
+                 strategy: str = "auto", flash_attn: bool = True, verbose: bool = False,
                  strategy_options: dict | None = None, exact_rows: bool = True):
         from .backend import native
 

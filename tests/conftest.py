@@ -18,7 +18,7 @@ def model_path():
 def engine(model_path):
     from edge_mtp import Engine
 
-    with Engine(str(model_path), n_ctx=2048, n_threads=2) as e:
+    with Engine(str(model_path), n_ctx=2048, n_threads=2, strategy="plain") as e:
         yield e
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from edge_mtp import Engine
 from edge_mtp import verify as verify_mod
+from edge_mtp.profile import GRID, Profile
 from edge_mtp.sampling import Sampler, SamplingParams
 from edge_mtp.strategies import make_strategy
 from edge_mtp.tree import TokenTree
@@ -29,9 +30,17 @@ FALLBACK_PROMPTS = [
 ]
 REPEATING = ("one two three four five six seven eight nine ten, one two three four five six seven "
              "eight nine ten, one two three")  # the continuation copies the prompt: long accepted paths
+# auto as measured on this machine, and forced to draft wherever lookup has a draft
+CHEAP_ROWS = Profile("cheap-rows", list(GRID), [1.0 + 0.01 * (n - 1) for n in GRID], 10.0)
+HYBRID_TEXT = ("Rewrite this list with one short comment per item: apples, bananas, cherries, dates, "
+               "elderberries, figs, grapes.")  # copies the prompt in places, not in others
 MATRIX = [  # every lossless strategy at three budgets (rows per forward pass)
     ("probe:4", {}), ("probe:10", {}), ("probe:30", {}), ("probe:30", {"masks": 2}),
     ("lookup:2", {}), ("lookup:4", {}), ("lookup:11", {}),
+    ("lookahead:4", {}), ("lookahead:8", {}), ("lookahead:12", {"n": 5, "w": 2, "g": 1}),
+    ("auto", {}), ("auto", {"profile": CHEAP_ROWS}), ("auto:4", {"profile": CHEAP_ROWS}),
+    ("probe:9", {"masks": 2, "tree": "dynamic"}), ("probe:15", {"masks": 2, "tree": "dynamic"}),
+    ("hybrid:3", {}), ("hybrid:6", {}), ("hybrid:10", {}),
 ]
 
 
@@ -149,7 +158,7 @@ def test_probe_sampling_matches_plain_sampling_on_the_model(engine):
 
 # -- edges ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["probe:10", "lookup:4"])
+@pytest.mark.parametrize("strategy", ["probe:10", "lookup:4", "lookahead:8"])
 def test_one_token_prompt_and_one_token_answer(engine, strategy):
     for prompt, n in (("Hello", 16), ("The capital of France is", 1)):
         ref = engine.generate(prompt, max_tokens=n, temperature=0)["tokens"]
@@ -185,7 +194,7 @@ def test_eos_inside_an_accepted_path_ends_the_answer(engine):
         assert r["tokens"] == ref["tokens"] and r["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize("strategy", ["probe:60", "lookup:11"])
+@pytest.mark.parametrize("strategy", ["probe:60", "lookup:11", "hybrid:10", "lookahead:8"])
 def test_trees_near_the_end_of_the_context(model_path, strategy):
     """Steps whose tree would pass n_ctx shrink to plain steps; output still equals plain."""
     with Engine(str(model_path), n_ctx=256, n_threads=2) as e:
@@ -198,13 +207,66 @@ def test_trees_near_the_end_of_the_context(model_path, strategy):
 def test_two_masks_chain_attention():
     """With k = 2, mask 2's parent is mask 1 (it sees its owner's path and mask 1)."""
     s = make_strategy("probe:6", masks=2)
-    s.mask = np.zeros(4, np.float32)
+    s.masks.vectors = np.zeros((2, 4), np.float32)
     tree = TokenTree()
     root = tree.add(7, -1)
-    m1, m2 = s._add_masks(tree, root)
+    m1, m2 = s.masks.add(tree, root)
     assert tree.parents[m1] == root and tree.parents[m2] == m1
     tokens, parents, embd, row_of = tree.layout()
     assert list(parents) == [-1, 0, 1] and embd.shape == (2, 4)
+
+
+def test_dynamic_tree_picks_the_highest_cumulative_probabilities():
+    """k = 2, BC = 12 (3 nodes): P(node) = P(parent) * p_mask(token), best first, repeats of the
+    parent pruned; here the third node hangs under the second-best depth-1 node."""
+    s = make_strategy("probe:12", masks=2, tree="dynamic")
+    s.masks.proposal = [(np.array([5, 6, 7, 8]), np.array([0.5, 0.32, 0.1, 0.05])),  # depth 1
+                        (np.array([5, 8, 9, 1]), np.array([0.6, 0.35, 0.04, 0.01]))]  # depth 2
+    tree = TokenTree()
+    root = tree.add(7, -1)  # 7 repeats the root: pruned at depth 1
+    nodes = s._dynamic_nodes(tree, root)
+    picked = [(tree.tokens[n], tree.tokens[tree.parents[n]]) for n in nodes]
+    # 5 (0.5), 6 (0.32), 5 under 6 (0.192) beat 8 under 5 (0.175); 5 under 5 (0.3) is pruned
+    assert picked == [(5, 7), (6, 7), (5, 6)]
+    static = make_strategy("probe:12", masks=2)  # top-1 expansion [2, 1] for comparison
+    static.masks.proposal = s.masks.proposal
+    tree = TokenTree()
+    nodes = static._static_nodes(tree, tree.add(7, -1))
+    assert [(tree.tokens[n], tree.tokens[tree.parents[n]]) for n in nodes] == [(5, 7), (6, 7), (8, 5)]
+
+
+def test_hybrid_uses_lookup_and_masks_and_beats_lookup(engine):
+    """On a text that copies its prompt in places and not in others, the hybrid tree accepts
+    drafts from both sources and more tokens per step than lookup at the same rows."""
+    prompt = [{"role": "user", "content": HYBRID_TEXT}]
+    ref = engine.chat(prompt, max_tokens=64, temperature=0)["tokens"]
+    hybrid = engine.chat(prompt, max_tokens=64, temperature=0, strategy="hybrid:6")
+    lookup = engine.chat(prompt, max_tokens=64, temperature=0, strategy="lookup:6")
+    assert hybrid["tokens"] == ref == lookup["tokens"]
+    spec = hybrid["speculation"]
+    assert spec["accepted_from_lookup"] > 0 and spec["accepted_from_masks"] > 0, spec
+    assert spec["steps"] < lookup["speculation"]["steps"]
+
+
+@pytest.mark.parametrize("options", [{"init": "last"}, {"init": "sample"}, {"init": "offset"}, {"lam": 0.0}])
+def test_mask_variants_stay_lossless(engine, options):
+    prompt = [{"role": "user", "content": "Give three tips for staying focused while studying."}]
+    ref = engine.chat(prompt, max_tokens=32, temperature=0)["tokens"]
+    r = engine.chat(prompt, max_tokens=32, temperature=0, strategy="probe:6", strategy_options=options)
+    assert r["tokens"] == ref and r["speculation"]["init"] == options.get("init", "mean")
+
+
+@pytest.mark.parametrize("spec,options", [
+    ("probe:10", {"tree": "bushy"}), ("probe:10", {"init": "zeros"}), ("probe:10", {"lam": 1.5}),
+    ("probe:10", {"lam": "high"}), ("probe:10", {"masks": 3}), ("probe:5", {"masks": 2}),
+    ("hybrid:1", {}), ("hybrid:10", {"masks": 2}), ("hybrid:10", {"init": "zeros"}),
+])
+def test_bad_probe_and_hybrid_options_are_refused(engine, spec, options):
+    from edge_mtp.errors import RequestError
+
+    with pytest.raises(RequestError):
+        engine.generate("Hi", max_tokens=2, strategy=spec, strategy_options=options)
+    assert engine.generate("Hi", max_tokens=2, temperature=0)["tokens"]  # still usable
 
 
 @pytest.mark.parametrize("spec", ["probe:2", "probe:3", "lookup:1", "nope:4", "plain:4", "probe:x"])

@@ -28,7 +28,7 @@ def main() -> None:
     from llama_cpp import Llama
 
     path = str(resolve_model(args.model))
-    ours = Engine(path, n_ctx=2048, n_threads=args.threads)
+    ours = Engine(path, n_ctx=2048, n_threads=args.threads, strategy="plain")
     stock = Llama(path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
                   flash_attn=True, verbose=False)  # edge-mtp's default too
     ids = stock.tokenize(args.prompt.encode(), special=True)

@@ -64,6 +64,19 @@ def clear_log() -> None:
     _log_tail.clear()
 
 
+def build_key() -> str:
+    """The build key native/build.py wrote into the installed llama_cpp (patch set, flags, source)."""
+    import json
+    from pathlib import Path
+
+    import llama_cpp
+
+    try:
+        return json.loads((Path(llama_cpp.__file__).parent / "_edge_mtp_build.json").read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
 def _bind_patches(ll) -> None:
     """Bind the functions our patches add; a stock llama-cpp-python build lacks them."""
     i32, f32 = ctypes.c_int32, ctypes.c_float

@@ -6,12 +6,18 @@ streaming or timing. A strategy is named "name" or "name:budget" (rows per forwa
 from __future__ import annotations
 
 from ..errors import RequestError
+from .auto import Auto
 from .base import Strategy
+from .dmtd import Dmtd
+from .hybrid import Hybrid
+from .lookahead import Lookahead
 from .lookup import Lookup
 from .plain import Plain
 from .probe import Probe
 
-STRATEGIES: dict[str, type[Strategy]] = {"plain": Plain, "probe": Probe, "lookup": Lookup}
+STRATEGIES: dict[str, type[Strategy]] = {"plain": Plain, "probe": Probe, "lookup": Lookup, "auto": Auto,
+                                      "dmtd": Dmtd, "hybrid": Hybrid,
+                                      "lookahead": Lookahead}
 
 
 def make_strategy(spec: str, **options) -> Strategy:

@@ -24,13 +24,23 @@ class Lookup(Strategy):
         self.max_draft = min(10, budget - 1)
 
     def prefill(self, session, prompt):
+        self.start(prompt)
+        return super().prefill(session, prompt)
+
+    def start(self, prompt) -> None:
+        """A new text to match against: the prompt; append every token that follows to `history`."""
         self.history: list[int] = list(prompt)
         self.index: list[dict[tuple, int]] = [{} for _ in range(self.max_ngram + 1)]
         self.indexed = 0  # n-grams ending before this history position are in the index
-        return super().prefill(session, prompt)
 
     def draft(self, limit: int) -> list[int]:
         """Continuation of the latest earlier occurrence of the longest matching suffix n-gram."""
+        return self.find(limit)[1]
+
+    def find(self, limit: int, longest: int = 16) -> tuple[int, list[int]]:
+        """(match length, draft): the draft of `draft`, and how many tokens (up to `longest`) the
+        history's suffix and the text before that earlier occurrence share; 0 and [] if none.
+        A longer match predicts a likelier continuation (auto sizes drafts by it)."""
         h = self.history
         for end in range(self.indexed + 1, len(h)):  # index all but the suffix itself
             for n in range(1, self.max_ngram + 1):
@@ -41,8 +51,11 @@ class Lookup(Strategy):
             if len(h) >= n:
                 at = self.index[n].get(tuple(h[-n:]))
                 if at is not None:
-                    return h[at:at + limit]
-        return []
+                    k = n
+                    while k < longest and k < at and h[at - 1 - k] == h[-1 - k]:
+                        k += 1
+                    return k, h[at:at + limit]
+        return 0, []
 
     def step(self, session, sampler, pending):
         self.history.append(pending)

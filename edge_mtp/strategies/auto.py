@@ -1,0 +1,172 @@
+"""`auto`: speculate only when this device makes it pay, one step at a time.
+
+A verification pass of n rows costs cost(n) plain steps, measured on this machine (edge_mtp.profile:
+on 2 cores a Q4_1 model pays 1.5x for 2 rows, its F32 twin 1.1x). Each step auto looks up the
+prompt-lookup draft for the current text and the length L of the match it came from, predicts the
+chance that each draft token is accepted, and sizes the draft d to maximise the expected gain over
+a plain step, in plain-step units:
+
+    gain(d) = sum_{i=1..d} prod_{j=1..i} a(L + j - 1)  -  (cost(d + 1) - 1)  -  overhead
+
+where a(l) is the probability that the next draft token is accepted when the match is l tokens
+long (accepting a token lengthens the match by one). a is a Beta posterior per match length,
+started from priors measured on Spec-Bench's dev split and updated with every verified draft
+token of the request. When no d has a positive gain the step is plain, and every RETRY-th such
+step a one-token draft is tried anyway so that pessimistic estimates can recover. The overheads
+(Python time of a tree step vs a plain step) are tracked online as fractions of a plain step.
+
+Probing masks need a row each on every pass; auto turns them on only when the profile says the
+paper's acceptance could pay for them (never on the CPUs measured so far) and reports why not.
+Lossless: every step is either plain or a verified tree (verify.py), for greedy and sampling.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..gguf_meta import read_dmtd
+from ..profile import CONTEXT, GRID, Profile, get_profile
+from ..tree import TokenTree
+from .base import Strategy
+from .dmtd import Dmtd
+from .lookup import Lookup
+
+MAX_DRAFT = 10
+LONGEST = 12  # match lengths >= this share one estimate
+RETRY = 32    # plain steps with a draft at hand between forced one-token tries
+# a(l) priors: acceptance of the next lookup draft token after an l-token match (l >= 12 pooled),
+# made monotone, from tools/lookup_acceptance.py on Spec-Bench dev (SmolLM2-135M, greedy, 128
+# tokens, 8 questions per subtask: 0.25 0.53 0.62 0.74 0.75 0.79 0.81 0.72 0.78 0.80 0.86 0.94);
+# index 0 unused
+PRIOR = np.array([0.0, 0.25, 0.53, 0.62, 0.72, 0.75, 0.78, 0.79, 0.79, 0.80, 0.82, 0.86, 0.94])
+PRIOR_WEIGHT = 4.0  # pseudo-observations behind each prior
+PROBE_MAT = {4: 1.08, 10: 1.18, 30: 1.30, 60: 1.38}  # papers.md / the probing issue: one mask
+
+
+class Auto(Strategy):
+    name = "auto"
+
+    def __init__(self, budget: int = MAX_DRAFT + 1, profile: Profile | None = None):
+        super().__init__()
+        self.max_draft = max(0, min(MAX_DRAFT, budget - 1))
+        self.profile = profile
+
+    def prefill(self, session, prompt):
+        split = read_dmtd(session.model.path)
+        late = (split.decoding_layers + split.encoding_layers,) if split else ()
+        if session.n_ctx >= CONTEXT + GRID[-1] + 1:
+            if self.profile is None or any(str(d) not in self.profile.late_layers for d in late):
+                self.profile = get_profile(session, late)  # cached per model, threads and mode
+        self.dmtd = None
+        if split and self.profile is not None:  # a DMTD model: its own cycle, sized to this device
+            self.dmtd = Dmtd(budget=self.dmtd_cycle(split))
+            return self.dmtd.prefill(session, prompt)
+        self.lookup = Lookup(budget=max(2, self.max_draft + 1))
+        self.lookup.start(prompt)
+        self.hits = PRIOR * PRIOR_WEIGHT
+        self.trials = np.full(len(PRIOR), PRIOR_WEIGHT)
+        self.overhead = {"plain": 0.02, "tree": 0.06}  # Python time per step / plain step time
+        self.kinds = {"plain": 0, "draft": 0, "retry": 0}
+        self.since_try = 0
+        self.draft_rows = 0
+        self.cost = self._cost_table()
+        return super().prefill(session, prompt)
+
+    def dmtd_cycle(self, split) -> int:
+        """The cycle length tau maximising tau / (head pass over tau rows + (tau - 1) late passes)."""
+        late = self.profile.late_layers[str(split.decoding_layers + split.encoding_layers)]
+        speed = {tau: tau / (self.profile.cost_of(tau) + (tau - 1) * late)
+                 for tau in range(1, split.cycle + 1)}
+        return max(speed, key=speed.get)
+
+    def _cost_table(self) -> np.ndarray:
+        """cost[n] for n = 0..MAX_DRAFT + 1 rows (no profile: drafting never pays)."""
+        n = np.arange(MAX_DRAFT + 2)
+        if self.profile is None:
+            return np.where(n <= 1, 1.0, np.inf)
+        return np.array([1.0 if k <= 1 else self.profile.cost_of(k) for k in n])
+
+    def choose(self, match: int, available: int) -> int:
+        """The draft length with the best expected gain over a plain step (0: plain)."""
+        d_max = min(available, self.max_draft)
+        if d_max == 0:
+            return 0
+        lengths = np.minimum(np.arange(match, match + d_max), LONGEST)
+        reach = np.cumprod(self.hits[lengths] / self.trials[lengths])  # P(first i drafts accepted)
+        extra = self.overhead["tree"] - self.overhead["plain"]
+        gain = np.cumsum(reach) - (self.cost[2:d_max + 2] - 1.0) - extra
+        best = int(np.argmax(gain))
+        return best + 1 if gain[best] > 0 else 0
+
+    def step(self, session, sampler, pending):
+        if self.dmtd is not None:
+            return self.dmtd.step(session, sampler, pending)
+        t0, m0 = time.perf_counter(), session.model_s
+        lk = self.lookup
+        lk.history.append(pending)
+        room = session.n_ctx - session.n_past - 1
+        match, drafts = lk.find(min(self.max_draft, room), longest=LONGEST)
+        d = self.choose(match, len(drafts)) if self.profile is not None else 0
+        kind = "draft"
+        if d == 0 and drafts and self.profile is not None:
+            self.since_try += 1
+            if self.since_try >= RETRY:
+                d, kind, self.since_try = 1, "retry", 0
+        if d == 0:
+            out = [sampler(session.decode([pending])[-1])]
+            kind = "plain"
+        else:
+            tree = TokenTree()
+            parent = tree.add(pending, -1)
+            for t in drafts[:d]:
+                parent = tree.add(t, parent)
+            out = self.verify_tree(session, sampler, tree)[0].tokens
+            self._learn(match, d, len(out) - 1)
+            self.draft_rows += d
+        lk.history.extend(out[:-1])
+        self.kinds[kind] += 1
+        if self.profile is not None:  # Python time of this step, as a fraction of a plain step
+            python_s = (time.perf_counter() - t0) - (session.model_s - m0)
+            key = "plain" if kind == "plain" else "tree"
+            self.overhead[key] += 0.1 * (python_s * 1e3 / self.profile.step_ms - self.overhead[key])
+        return out
+
+    def _learn(self, match: int, d: int, accepted: int) -> None:
+        """Draft tokens 1..min(accepted + 1, d) were tested; the first `accepted` passed."""
+        for i in range(min(accepted + 1, d)):
+            length = min(match + i, LONGEST)
+            self.trials[length] += 1
+            self.hits[length] += i < accepted
+
+    def probe_verdict(self) -> str:
+        """Why probing masks are off (or would be on) on this device's curve."""
+        if self.profile is None:
+            return "no device profile"
+        best = max(PROBE_MAT, key=lambda bc: PROBE_MAT[bc] / self.profile.cost_of(bc))
+        value = PROBE_MAT[best] / self.profile.cost_of(best)
+        return (f"probe:{best} expects {PROBE_MAT[best]:.2f} tokens/step for "
+                f"{self.profile.cost_of(best):.2f}x the cost of a plain step ({value:.2f}x plain)")
+
+    def stats(self) -> dict:
+        if self.dmtd is not None:
+            tau = self.dmtd.tau
+            return {"decision": f"dmtd with cycle {tau} of {self.dmtd.cfg.cycle}: the fastest on this "
+                                f"device's pass costs (lossy by design: the DMTD model's own output)",
+                    **self.dmtd.stats()}
+        if self.profile is None:
+            return {"decision": "plain: no device profile (context too small to calibrate)",
+                    "steps_by_kind": dict(self.kinds)}
+        drafts = self.kinds["draft"] + self.kinds["retry"]
+        ceiling, at = self.profile.ceiling
+        a = self.hits / self.trials
+        return {
+            "decision": (f"lookup drafts sized per step by predicted acceptance vs this device's cost "
+                         f"curve (2 rows cost {self.profile.cost_of(2):.2f}x, ceiling {ceiling:.2f}x at "
+                         f"{at} rows); {self.kinds['plain']} plain steps, {drafts} draft steps; masks off: "
+                         f"{self.probe_verdict()}"),
+            "steps_by_kind": dict(self.kinds),
+            "mean_draft_length": round(self.draft_rows / drafts, 3) if drafts else 0.0,
+            "acceptance_by_match_length": {str(i): round(float(a[i]), 3) for i in range(1, len(a))},
+            "profile": self.profile.key,
+        }
