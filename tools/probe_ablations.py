@@ -111,7 +111,10 @@ def replay_run(engine: Engine, prompt: list[int], truth: list[int], spec: str, o
     """(tokens, steps) of one greedy request, replayed."""
     gen = Generation(Replay(engine.session, truth), make_strategy(spec, **options),
                      Sampler(SamplingParams(temperature=0)), prompt, n)
-    gen.run()
+    try:
+        gen.run()
+    finally:  # a refused replay stops mid-step: leave no half-written cells for the next request
+        engine.session.clear()
     return gen.tokens, gen.steps
 
 

@@ -327,6 +327,8 @@ class Session:
         self._ll.llama_memory_seq_rm(self.mem, 0, len(self.tokens), -1)
 
     def clear(self) -> None:
+        if self._tree is not None:  # close the native side's pending tree too
+            self.commit([])
         self._ll.llama_memory_clear(self.mem, True)
         self.tokens.clear()
 
