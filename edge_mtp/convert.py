@@ -150,16 +150,16 @@ def describe(path: str | Path) -> dict:
     """What `edge-mtp inspect` shows: architecture, layers, quantization, DMTD split, chat template."""
     import gguf
 
-    from .gguf_meta import read_dmtd, read_header
+    from .gguf_file import validate
 
-    fields, tensors = read_header(path, lambda k: k.startswith(("general.", "tokenizer.chat_template")))
-    arch = fields.get("general.architecture", "unknown")
+    h = validate(path, lambda k: k.startswith(("general.", "tokenizer.chat_template")))
+    fields, tensors, dmtd = h.fields, h.tensors, h.dmtd
+    arch = h.architecture
     counts: dict[str, int] = {}
-    for _, _, qtype, _ in tensors:
-        name = gguf.GGMLQuantizationType(qtype).name
+    for t in tensors:
+        name = gguf.GGMLQuantizationType(t.qtype).name
         counts[name] = counts.get(name, 0) + 1
     file_type = fields.get("general.file_type")
-    dmtd = read_dmtd(path)
     return {
         "architecture": arch,
         "name": fields.get("general.name"),

@@ -2,7 +2,8 @@
 
 A DMTD model is an ordinary llama/qwen3 GGUF whose layers split into encoding (first E),
 thinking (middle T) and decoding (last D) groups, trained with cycle length C (docs/dmtd.md).
-llama.cpp ignores these keys; edge-mtp reads them with gguf-py (which keeps each key's type).
+llama.cpp ignores these keys; edge-mtp reads them with its header scan (gguf_file.py), which keeps
+each key's type.
 """
 from __future__ import annotations
 
@@ -81,88 +82,13 @@ def validate_dmtd(values: dict, n_layer: int, source: str = "model") -> DmtdConf
     return DmtdConfig(e, t, d, keys[KEY_CYCLE])
 
 
-# GGUF value types: struct format of the scalars; 8 = string, 9 = array
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def read_header(path: str | Path, wanted=lambda key: key.startswith("dmtd.")) -> tuple[dict, list]:
-    """The metadata keys `wanted(key)` accepts, plus `{arch}.block_count`, as {key: python value};
-    and every tensor as (name, shape in numpy order, ggml type id, absolute file offset).
-
-    A direct scan of the GGUF header: it decodes only the wanted keys and skips the rest (a
-    tokenizer's 100k strings take milliseconds, gguf-py's reader takes seconds)."""
-    import mmap
-    import struct
-
-    def string(off):
-        (n,) = struct.unpack_from("<Q", buf, off)
-        return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", errors="replace"), off + 8 + n
-
-    def value(t, off, keep):
-        if t == 8:
-            return string(off)
-        if t == 9:
-            et, n = struct.unpack_from("<IQ", buf, off)
-            off += 12
-            if not keep:
-                if et == 8:
-                    length = struct.Struct("<Q").unpack_from
-                    for _ in range(n):
-                        off += 8 + length(buf, off)[0]
-                    return None, off
-                if et not in _SCALARS:
-                    raise ValueError(f"bad array element type {et}")
-                return None, off + n * struct.calcsize(_SCALARS[et])
-            items = []
-            for _ in range(n):
-                v, off = value(et, off, keep)
-                items.append(v)
-            return items, off
-        if t not in _SCALARS:
-            raise ValueError(f"bad value type {t}")
-        fmt = "<" + _SCALARS[t]
-        return struct.unpack_from(fmt, buf, off)[0], off + struct.calcsize(fmt)
-
-    try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            buf = memoryview(mm)
-            try:
-                if bytes(buf[:4]) != b"GGUF":
-                    raise ValueError("bad magic")
-                n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-                off, raw = 24, {}
-                for _ in range(n_kv):
-                    key, off = string(off)
-                    (t,) = struct.unpack_from("<I", buf, off)
-                    keep = (wanted(key) or key in ("general.architecture", "general.alignment")
-                            or key.endswith(".block_count"))
-                    v, off = value(t, off + 4, keep)
-                    if keep:
-                        raw[key] = v
-                infos = []
-                for _ in range(n_tensors):
-                    name, off = string(off)
-                    (n_dims,) = struct.unpack_from("<I", buf, off)
-                    dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
-                    qtype, rel = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
-                    off += 4 + 8 * n_dims + 12
-                    infos.append((name, tuple(reversed(dims)), qtype, rel))
-            finally:
-                buf.release()
-    except (OSError, ValueError, struct.error) as e:
-        raise ModelError(f"{Path(path).name}: not a readable GGUF header ({e})") from None
-    align = raw.get("general.alignment", 32)
-    data_start = -(-off // align) * align
-    arch = raw.get("general.architecture")
-    fields = {k: v for k, v in raw.items() if wanted(k) or k == f"{arch}.block_count"}
-    return fields, [(name, shape, qtype, data_start + rel) for name, shape, qtype, rel in infos]
-
-
 def read_dmtd(path: str | Path) -> DmtdConfig | None:
     """The validated DMTD split of a GGUF file, or None for a non-DMTD model."""
-    fields, _ = read_header(path)
-    n_layer = next((v for k, v in fields.items() if k.endswith(".block_count")), 0)
-    return validate_dmtd(fields, n_layer, Path(path).name)
+    from .gguf_file import read_header
+
+    h = read_header(path, lambda key: key.startswith("dmtd."))
+    n_layer = h.fields.get(f"{h.architecture}.block_count", 0)
+    return validate_dmtd(h.fields, n_layer, Path(path).name)
 
 
 def dmtd_from_hf_config(config: dict, cycle: int | None = None,

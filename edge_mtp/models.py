@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from .gguf_file import validate
 
 
 @dataclass(frozen=True)
@@ -169,36 +169,6 @@ def _progress(m: Manifest, on: bool):
     return tqdm(total=m.size, unit="B", unit_scale=True, desc=f"extracting {m.name}", file=sys.stderr)
 
 
-def check_gguf_file(path: Path) -> None:
-    """Refuse, with one line, a file that is not a complete GGUF before llama.cpp reads it."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
-    if size == 0:
-        raise ModelError(f"{path}: empty file, not a GGUF model")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:4] != b"GGUF":
-        raise ModelError(f"{path}: not a GGUF file (bad magic)")
-    version = struct.unpack("<I", head[4:8])[0] if len(head) == 8 else 0
-    if version not in (2, 3):
-        raise ModelError(f"{path}: unsupported GGUF version {version}")
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the parser raises many kinds on corrupt input; all mean "refuse"
-        raise ModelError(f"{path}: not a valid GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'parse error'})") from None
-    names = set()
-    for t in reader.tensors:
-        names.add(t.name)
-        if t.data_offset + t.n_bytes > size:
-            raise ModelError(f"{path}: truncated (tensor {t.name} ends past the end of the file)")
-    if "token_embd.weight" not in names:
-        raise ModelError(f"{path}: no token_embd.weight tensor; not a language model GGUF")
-
-
 def resolve_model(name_or_path: str | Path, pull_missing: bool = True) -> Path:
     """A model name from the manifests (pulled if needed) or a path to a local .gguf file."""
     text = str(name_or_path)
@@ -216,7 +186,7 @@ def resolve_model(name_or_path: str | Path, pull_missing: bool = True) -> Path:
                          "existing .gguf file")
     if not path.is_file():
         raise ModelError(f"{path}: not a regular file")
-    check_gguf_file(path)
+    validate(path)  # one clear line for a malformed file, before anything loads it
     return path
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the real default model and one greedy Engine on it (loaded once per run)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ def load_tool(name: str):
     path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"edge_mtp_tools_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 

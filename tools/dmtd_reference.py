@@ -23,7 +23,8 @@ import gguf
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edge_mtp.gguf_meta import DmtdConfig, dmtd_from_hf_config, read_header, validate_dmtd  # noqa: E402
+from edge_mtp.gguf_file import read_header  # noqa: E402
+from edge_mtp.gguf_meta import DmtdConfig, dmtd_from_hf_config, validate_dmtd  # noqa: E402
 
 ROPE_NEOX = {"qwen3", "qwen2"}  # llama.cpp rotates (i, i + d/2) pairs for these, (2i, 2i+1) for llama
 
@@ -51,7 +52,8 @@ class Weights:
             self.t["output.weight"] = self.t["token_embd.weight"]
 
     def _load_gguf(self, path: Path) -> None:
-        fields, tensors = read_header(path, lambda key: True)
+        header = read_header(path, lambda key: True)
+        fields = header.fields
         f = lambda k, d=None: fields.get(k, d)  # noqa: E731
         self.arch = a = f("general.architecture")
         self.neox = a in ROPE_NEOX
@@ -66,8 +68,9 @@ class Weights:
         self.dmtd = validate_dmtd(fields, self.n_layer, path.name)
         data = np.memmap(path, dtype=np.uint8, mode="r")
         self.t = {}
-        for name, shape, qtype, offset in tensors:
-            qtype = gguf.GGMLQuantizationType(qtype)
+        for t in header.tensors:
+            name, shape, offset = t.name, t.shape, t.offset
+            qtype = gguf.GGMLQuantizationType(t.qtype)
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             row_bytes = shape[-1] // block * size
             raw = data[offset:offset + int(np.prod(shape[:-1])) * row_bytes].reshape(*shape[:-1], row_bytes)

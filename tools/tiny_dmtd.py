@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edge_mtp.gguf_meta import read_header  # noqa: E402
+from edge_mtp.gguf_file import read_header  # noqa: E402
 
 FLAVOURS = {"qwen3": ("MTPQwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama")}
 
@@ -30,7 +30,7 @@ def write_tokenizer(out: Path, vocab_from: Path) -> dict:
     special token ids for config.json."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    f, _ = read_header(vocab_from, lambda k: k.startswith("tokenizer."))
+    f = read_header(vocab_from, lambda k: k.startswith("tokenizer.")).fields
     tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, RequestError
+from ..gguf_file import validate
 from . import native
 
 
@@ -50,6 +51,7 @@ class Model:
     def __init__(self, path: str | Path, n_gpu_layers: int | None = None):
         ll = native.llama()
         self.path = Path(path)
+        self.dmtd = validate(self.path).dmtd  # refuse a malformed file before llama.cpp reads it
         params = ll.llama_model_default_params()
         if n_gpu_layers is not None:
             params.n_gpu_layers = n_gpu_layers

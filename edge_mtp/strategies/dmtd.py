@@ -17,31 +17,19 @@ later request takes a DMTD cell for a plain one.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import numpy as np
 
 from ..errors import RequestError
-from ..gguf_meta import DmtdConfig, read_dmtd
+from ..gguf_meta import DmtdConfig
 from .base import Strategy
 
 
-@functools.lru_cache(maxsize=8)
-def _dmtd_of_file(path: str, mtime_ns: int, size: int) -> DmtdConfig | None:
-    return read_dmtd(path)
-
-
 def model_dmtd(model) -> DmtdConfig:
-    """The validated DMTD split of a loaded model; RequestError when it is not a DMTD model."""
-    st = os.stat(model.path)
-    cfg = _dmtd_of_file(str(model.path), st.st_mtime_ns, st.st_size)
+    """The DMTD split of a loaded model (validated at load); RequestError when it is not a DMTD model."""
+    cfg = model.dmtd
     if cfg is None:
         raise RequestError(f"{model.path.name} is not a DMTD model (no dmtd.* metadata); convert a "
                            "DMTD checkpoint with `edge-mtp convert`")
-    if cfg.n_layer != model.n_layer:
-        raise RequestError(f"{model.path.name}: DMTD layer counts add up to {cfg.n_layer}, "
-                           f"the model has {model.n_layer} layers")
     return cfg
 
 
