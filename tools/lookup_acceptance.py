@@ -5,7 +5,7 @@ For every position of each greedy answer, the lookup draft for the text so far i
 what the model actually produced next (teacher forcing: no timing, no noise). A draft token
 counts as a trial of match length l (the tokens shared by the text's suffix and the earlier
 occurrence, lengthened by one per accepted token) and as a hit if it equals the model's token.
-These rates are `auto`'s priors (edge_mtp/strategies/auto.py, PRIOR).
+These rates are the priors of auto and hybrid (edge_mtp/strategies/lookup.py, PRIOR).
 
     python tools/lookup_acceptance.py --data ../shared/data/spec_bench/dev.jsonl -n 128 --limit 10
 """
@@ -19,28 +19,21 @@ from collections import defaultdict
 import numpy as np
 
 from edge_mtp import Engine
-from edge_mtp.strategies.auto import LONGEST, MAX_DRAFT
-from edge_mtp.strategies.lookup import Lookup
+from edge_mtp.strategies.auto import MAX_DRAFT
+from edge_mtp.strategies.lookup import LONGEST, Lookup, MatchAcceptance
 
 
 def subtask(q: dict) -> str:
     return "mt_bench" if q["question_id"] <= 160 else q["category"]
 
 
-def count(prompt: list[int], answer: list[int], trials: np.ndarray, hits: np.ndarray) -> None:
+def count(prompt: list[int], answer: list[int], acceptance: MatchAcceptance) -> None:
     lk = Lookup()
     lk.start(prompt)
     for t, tok in enumerate(answer[:-1]):
         lk.history.append(tok)  # the pending token; drafts are for answer[t + 1:]
         match, drafts = lk.find(MAX_DRAFT, longest=LONGEST)
-        for i, d in enumerate(drafts):
-            if t + 1 + i >= len(answer):
-                break
-            length = min(match + i, LONGEST)
-            trials[length] += 1
-            if d != answer[t + 1 + i]:
-                break
-            hits[length] += 1
+        acceptance.learn(match, drafts, answer[t + 1:])
 
 
 def main() -> None:
@@ -53,27 +46,29 @@ def main() -> None:
     args = ap.parse_args()
     engine = Engine(args.model, n_ctx=4096, n_threads=args.threads, strategy="plain")
     seen: dict[str, int] = defaultdict(int)
-    per_task: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    per_task: dict[str, MatchAcceptance] = {}
     for line in open(args.data):
         q = json.loads(line)
         task = subtask(q)
         seen[task] += 1
         if args.limit and seen[task] > args.limit:
             continue
-        trials, hits = per_task.setdefault(task, (np.zeros(LONGEST + 1), np.zeros(LONGEST + 1)))
+        acceptance = per_task.setdefault(task, MatchAcceptance(prior_weight=0.0))
         history: list[dict] = []
         for turn in q["turns"]:
             history.append({"role": "user", "content": turn})
             prompt = engine.model.chat_tokens(history)
             r = engine.chat(history, max_tokens=args.n, temperature=0)
-            count(prompt, r["tokens"], trials, hits)
+            count(prompt, r["tokens"], acceptance)
             history.append({"role": "assistant", "content": r["text"]})
         print(f"{task} {q['question_id']}", file=sys.stderr, flush=True)
-    all_t = sum(t for t, _ in per_task.values())
-    all_h = sum(h for _, h in per_task.values())
+    pooled = MatchAcceptance(prior_weight=0.0)
+    pooled.trials = sum(a.trials for a in per_task.values())
+    pooled.hits = sum(a.hits for a in per_task.values())
     print("| subtask | " + " | ".join(f"l={i}" for i in range(1, LONGEST + 1)) + " |")
     print("|---|" + "---|" * LONGEST)
-    for task, (t, h) in [*per_task.items(), ("all", (all_t, all_h))]:
+    for task, a in [*per_task.items(), ("all", pooled)]:
+        t, h = a.trials, a.hits
         cells = [f"{h[i] / t[i]:.2f} ({int(t[i])})" if t[i] else "-" for i in range(1, LONGEST + 1)]
         print(f"| {task} | " + " | ".join(cells) + " |")
 

@@ -9,9 +9,9 @@ a plain step, in plain-step units:
     gain(d) = sum_{i=1..d} prod_{j=1..i} a(L + j - 1)  -  (cost(d + 1) - 1)  -  overhead
 
 where a(l) is the probability that the next draft token is accepted when the match is l tokens
-long (accepting a token lengthens the match by one). a is a Beta posterior per match length,
-started from priors measured on Spec-Bench's dev split and updated with every verified draft
-token of the request. When no d has a positive gain the step is plain, and every RETRY-th such
+long (accepting a token lengthens the match by one): lookup.py's MatchAcceptance, a Beta
+posterior per match length started from priors measured on Spec-Bench's dev split and updated
+with every verified draft token of the request. When no d has a positive gain the step is plain, and every RETRY-th such
 step a one-token draft is tried anyway so that pessimistic estimates can recover. The overheads
 (Python time of a tree step vs a plain step) are tracked online as fractions of a plain step.
 
@@ -25,22 +25,14 @@ import time
 
 import numpy as np
 
-from ..gguf_meta import read_dmtd
 from ..profile import CONTEXT, GRID, Profile, get_profile
 from ..tree import TokenTree
 from .base import Strategy
 from .dmtd import Dmtd
-from .lookup import Lookup
+from .lookup import LONGEST, Lookup, MatchAcceptance
 
 MAX_DRAFT = 10
-LONGEST = 12  # match lengths >= this share one estimate
 RETRY = 32    # plain steps with a draft at hand between forced one-token tries
-# a(l) priors: acceptance of the next lookup draft token after an l-token match (l >= 12 pooled),
-# made monotone, from tools/lookup_acceptance.py on Spec-Bench dev (SmolLM2-135M, greedy, 128
-# tokens, 8 questions per subtask: 0.25 0.53 0.62 0.74 0.75 0.79 0.81 0.72 0.78 0.80 0.86 0.94);
-# index 0 unused
-PRIOR = np.array([0.0, 0.25, 0.53, 0.62, 0.72, 0.75, 0.78, 0.79, 0.79, 0.80, 0.82, 0.86, 0.94])
-PRIOR_WEIGHT = 4.0  # pseudo-observations behind each prior
 PROBE_MAT = {4: 1.08, 10: 1.18, 30: 1.30, 60: 1.38}  # papers.md / the probing issue: one mask
 
 
@@ -53,7 +45,7 @@ class Auto(Strategy):
         self.profile = profile
 
     def prefill(self, session, prompt):
-        split = read_dmtd(session.model.path)
+        split = session.model.dmtd
         late = (split.decoding_layers + split.encoding_layers,) if split else ()
         if session.n_ctx >= CONTEXT + GRID[-1] + 1:
             if self.profile is None or any(str(d) not in self.profile.late_layers for d in late):
@@ -64,8 +56,7 @@ class Auto(Strategy):
             return self.dmtd.prefill(session, prompt)
         self.lookup = Lookup(budget=max(2, self.max_draft + 1))
         self.lookup.start(prompt)
-        self.hits = PRIOR * PRIOR_WEIGHT
-        self.trials = np.full(len(PRIOR), PRIOR_WEIGHT)
+        self.acceptance = MatchAcceptance()
         self.overhead = {"plain": 0.02, "tree": 0.06}  # Python time per step / plain step time
         self.kinds = {"plain": 0, "draft": 0, "retry": 0}
         self.since_try = 0
@@ -92,8 +83,7 @@ class Auto(Strategy):
         d_max = min(available, self.max_draft)
         if d_max == 0:
             return 0
-        lengths = np.minimum(np.arange(match, match + d_max), LONGEST)
-        reach = np.cumprod(self.hits[lengths] / self.trials[lengths])  # P(first i drafts accepted)
+        reach = np.cumprod(self.acceptance.along(match, d_max))  # P(first i drafts accepted)
         extra = self.overhead["tree"] - self.overhead["plain"]
         gain = np.cumsum(reach) - (self.cost[2:d_max + 2] - 1.0) - extra
         best = int(np.argmax(gain))
@@ -105,7 +95,7 @@ class Auto(Strategy):
         t0, m0 = time.perf_counter(), session.model_s
         lk = self.lookup
         lk.history.append(pending)
-        room = session.n_ctx - session.n_past - 1
+        room = session.room - 1
         match, drafts = lk.find(min(self.max_draft, room), longest=LONGEST)
         d = self.choose(match, len(drafts)) if self.profile is not None else 0
         kind = "draft"
@@ -122,7 +112,7 @@ class Auto(Strategy):
             for t in drafts[:d]:
                 parent = tree.add(t, parent)
             out = self.verify_tree(session, sampler, tree)[0].tokens
-            self._learn(match, d, len(out) - 1)
+            self.acceptance.learn(match, drafts[:d], out)
             self.draft_rows += d
         lk.history.extend(out[:-1])
         self.kinds[kind] += 1
@@ -131,13 +121,6 @@ class Auto(Strategy):
             key = "plain" if kind == "plain" else "tree"
             self.overhead[key] += 0.1 * (python_s * 1e3 / self.profile.step_ms - self.overhead[key])
         return out
-
-    def _learn(self, match: int, d: int, accepted: int) -> None:
-        """Draft tokens 1..min(accepted + 1, d) were tested; the first `accepted` passed."""
-        for i in range(min(accepted + 1, d)):
-            length = min(match + i, LONGEST)
-            self.trials[length] += 1
-            self.hits[length] += i < accepted
 
     def probe_verdict(self) -> str:
         """Why probing masks are off (or would be on) on this device's curve."""
@@ -159,7 +142,7 @@ class Auto(Strategy):
                     "steps_by_kind": dict(self.kinds)}
         drafts = self.kinds["draft"] + self.kinds["retry"]
         ceiling, at = self.profile.ceiling
-        a = self.hits / self.trials
+        a = self.acceptance.rates()
         return {
             "decision": (f"lookup drafts sized per step by predicted acceptance vs this device's cost "
                          f"curve (2 rows cost {self.profile.cost_of(2):.2f}x, ceiling {ceiling:.2f}x at "

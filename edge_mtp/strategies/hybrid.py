@@ -4,7 +4,7 @@ Every row of the budget goes to whichever candidate is worth most, each valued b
 chance of acceptance (each costs one row, and comes only after its parent):
 - lookup chain draft i (lookup.py's n-gram continuation after an L-token match): accepted with
   prod_{j<=i} a(L + j - 1), a(l) the running acceptance rate of a lookup draft token after an
-  l-token match (auto.py's estimate: a Beta posterior per match length, same priors);
+  l-token match (lookup.py's MatchAcceptance, as auto uses it);
 - mask candidate of rank r for depth 1 (proposed by the previous tree's deepest accepted node's
   mask, k = 1): right with h(r), the running rate at which rank r was the true next token
   (observed every step, whether or not the candidate was in the tree);
@@ -25,9 +25,8 @@ import numpy as np
 
 from ..errors import RequestError
 from ..tree import TokenTree
-from .auto import LONGEST, PRIOR, PRIOR_WEIGHT
 from .base import Strategy
-from .lookup import Lookup
+from .lookup import LONGEST, Lookup, MatchAcceptance
 from .probe import Masks
 
 DEFAULT_BUDGET = 10
@@ -55,7 +54,7 @@ class Hybrid(Strategy):
         super().prefill(session, prompt)
         self.lookup = Lookup(budget=MAX_CHAIN + 1)
         self.lookup.start(prompt)
-        self.chain_hits, self.chain_trials = PRIOR * PRIOR_WEIGHT, np.full(len(PRIOR), PRIOR_WEIGHT)
+        self.chain = MatchAcceptance()
         self.rank_hits, self.rank_trials = RANK_PRIOR[:self.budget] * RANK_WEIGHT, RANK_WEIGHT
         self.accepted_from = {"lookup": 0, "masks": 0}
         return self.masks.prefill(session, prompt, self.keep)
@@ -64,7 +63,7 @@ class Hybrid(Strategy):
         self.masks.absorb([pending])
         lk = self.lookup
         lk.history.append(pending)
-        rows = min(self.budget, session.n_ctx - session.n_past)
+        rows = min(self.budget, session.room)
         match, chain = lk.find(min(MAX_CHAIN, rows - 1), longest=LONGEST)
         tree, masks_of, source = self._plan(pending, match, chain, rows)
         verdict, logits, row_of = self.verify_tree(session, sampler, tree)
@@ -83,7 +82,7 @@ class Hybrid(Strategy):
     def _plan(self, pending: int, match: int, chain: list[int], rows: int):
         """Fill `rows` rows best first; returns the tree, the mask rows of each masked node and
         the sources of each draft node."""
-        a = self.chain_hits / self.chain_trials
+        a = self.chain.rates()
         h = self.rank_hits / self.rank_trials
         tree = TokenTree()
         root = tree.add(pending, -1)
@@ -133,12 +132,7 @@ class Hybrid(Strategy):
             hit = np.flatnonzero(self.masks.proposal[0][0] == truth[0])
             if hit.size:
                 self.rank_hits[hit[0]] += 1
-        for i, token in enumerate(chain[:len(truth)]):
-            length = min(match + i, LONGEST)
-            self.chain_trials[length] += 1
-            if token != truth[i]:
-                break
-            self.chain_hits[length] += 1
+        self.chain.learn(match, chain, truth)
 
     def stats(self) -> dict:
         m = self.masks

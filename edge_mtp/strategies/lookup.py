@@ -5,12 +5,50 @@ summaries). Rows per step: 1 + draft length (budget - 1, at most 10).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import RequestError
 from ..tree import TokenTree
 from .base import Strategy
 
 DEFAULT_BUDGET = 11  # the root and a draft of up to 10, as in the prompt-lookup baseline
 MAX_NGRAM = 3
+LONGEST = 12  # match lengths >= this share one acceptance estimate
+# a(l) priors: acceptance of the next lookup draft token after an l-token match (l >= 12 pooled),
+# made monotone, from tools/lookup_acceptance.py on Spec-Bench dev (SmolLM2-135M, greedy, 128
+# tokens, 8 questions per subtask: 0.25 0.53 0.62 0.74 0.75 0.79 0.81 0.72 0.78 0.80 0.86 0.94);
+# index 0 unused
+PRIOR = np.array([0.0, 0.25, 0.53, 0.62, 0.72, 0.75, 0.78, 0.79, 0.79, 0.80, 0.82, 0.86, 0.94])
+PRIOR_WEIGHT = 4.0  # pseudo-observations behind each prior
+
+
+class MatchAcceptance:
+    """a(l): the chance that the next lookup draft token is accepted after an l-token match
+    (accepting a token lengthens the match by one). A Beta posterior per match length, started
+    from PRIOR and updated with every verified draft token; auto sizes its drafts by it, hybrid
+    values its chain rows by it, tools/lookup_acceptance.py measures the priors with it."""
+
+    def __init__(self, prior_weight: float = PRIOR_WEIGHT):
+        self.hits = PRIOR * prior_weight
+        self.trials = np.full(len(PRIOR), prior_weight)
+
+    def rates(self) -> np.ndarray:
+        """a(l) for l = 0..LONGEST (0 unused)."""
+        return self.hits / np.maximum(self.trials, 1e-12)
+
+    def along(self, match: int, n: int) -> np.ndarray:
+        """a for draft tokens 1..n of a chain found after a `match`-token match."""
+        return self.rates()[np.minimum(np.arange(match, match + n), LONGEST)]
+
+    def learn(self, match: int, drafts, truth) -> None:
+        """Score a verified chain: draft i counts as tested when drafts 0..i-1 were right and the
+        true token at i is known (truth: the accepted tokens and the bonus, or the reference)."""
+        for i, (d, t) in enumerate(zip(drafts, truth)):
+            length = min(match + i, LONGEST)
+            self.trials[length] += 1
+            if d != t:
+                break
+            self.hits[length] += 1
 
 
 class Lookup(Strategy):
@@ -59,7 +97,7 @@ class Lookup(Strategy):
 
     def step(self, session, sampler, pending):
         self.history.append(pending)
-        room = session.n_ctx - session.n_past - 1
+        room = session.room - 1
         drafts = self.draft(min(self.max_draft, room))
         if not drafts:
             out = [sampler(session.decode([pending])[-1])]
