@@ -37,17 +37,24 @@ class Stream:
         self._it.close()
 
     def _run(self) -> Iterator[str]:
-        with self._engine._lock:
+        engine, me = self._engine, threading.get_ident()
+        if engine._streaming_thread == me:  # waiting on our own lock would hang this thread
+            raise RequestError("this Engine is busy with an unfinished stream in this thread; "
+                               "finish or close() that stream first")
+        with engine._lock:
+            engine._streaming_thread = me
             try:
                 yield from self._gen.pieces()
             finally:
+                engine._streaming_thread = None
                 self._gen.session.sync()
-                self.result = self._engine._result(self._gen, self._kind)
+                self.result = engine._result(self._gen, self._kind)
 
 
 class Engine:
     """A model plus one llama.cpp context. Requests on one Engine run one at a time (a second
-    thread waits for the first); use several Engines for parallel work.
+    thread waits for the first; a second request from the thread that holds an unfinished stream
+    is refused); use several Engines for parallel work.
 
     strategy "auto" (the default) measures this device once (edge_mtp.profile, cached per model,
     threads and mode; about 10 s on the first auto request) and speculates only where the
@@ -73,6 +80,7 @@ class Engine:
                                exact_rows=exact_rows)
         self.model_name = model if self.model_path.name != model else self.model_path.stem
         self._lock = threading.Lock()
+        self._streaming_thread: int | None = None
 
     def close(self) -> None:
         self.session.close()

@@ -16,8 +16,8 @@ from .strategies import Strategy
 class TextStream:
     """Bytes of token pieces in, text safe to show out.
 
-    Holds back incomplete UTF-8 sequences (a character split across tokens is never shown broken)
-    and any tail that could still become a stop string; `stopped` is set once a stop string appears,
+    Holds back incomplete UTF-8 sequences (a character split across tokens is never shown broken;
+    one still unfinished when the answer ends is dropped) and any tail that could still become a stop string; `stopped` is set once a stop string appears,
     and the text before it is all that is ever emitted.
     """
 
@@ -31,7 +31,9 @@ class TextStream:
     def feed(self, data: bytes, final: bool = False) -> str:
         if self.stopped:
             return ""
-        self.held += self.decoder.decode(data, final=final)
+        self.held += self.decoder.decode(data)
+        if final:  # an unfinished character at the very end is no character: drop its bytes
+            self.decoder.reset()  # (as llama-cpp-python's errors="ignore"), never show U+FFFD
         cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             out, self.held, self.stopped = self.held[:cut], "", True

@@ -91,6 +91,12 @@ class Session:
     def n_past(self) -> int:
         return len(self.tokens)
 
+    @property
+    def room(self) -> int:
+        """Rows one decode can still take: the free context, and at most one batch (llama.cpp pads
+        n_ctx up to a multiple of 256, so a small context can hold more than n_batch rows)."""
+        return min(self.n_ctx - self.n_past, self.n_batch)
+
     # -- decoding --------------------------------------------------------------------------
     def decode(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Append tokens (at most n_batch) after the cached ones; return their logits.
@@ -299,6 +305,15 @@ class Session:
         self.tokens.extend(int(t) for t in self._tree[path])
         self._tree = None
 
+    def _abandon_tree(self) -> None:
+        """Close a pending tree on both sides, keeping none of its cells. Asks the native side even
+        when Python saw no tree: Ctrl-C can land between llama_decode_tree's return and
+        `self._tree = tokens` (-13: nothing was pending there)."""
+        rc = native.fn("llama_tree_commit")(self.ctx, None, 0)
+        if rc not in (0, -13):
+            raise BackendError(f"could not close the pending tree (code {rc})")
+        self._tree = None
+
     def _embedding_batch(self):
         if self._ebatch is None:
             b = self._ll.llama_batch_init(self.n_batch, self.model.n_embd, 1)
@@ -322,13 +337,11 @@ class Session:
     def sync(self) -> None:
         """Drop KV cells past the tracked tokens (and an uncommitted tree): after an interrupt
         between llama_decode and our bookkeeping, the cache again holds exactly `tokens`."""
-        if self._tree is not None:
-            self.commit([])
+        self._abandon_tree()
         self._ll.llama_memory_seq_rm(self.mem, 0, len(self.tokens), -1)
 
     def clear(self) -> None:
-        if self._tree is not None:  # close the native side's pending tree too
-            self.commit([])
+        self._abandon_tree()
         self._ll.llama_memory_clear(self.mem, True)
         self.tokens.clear()
 

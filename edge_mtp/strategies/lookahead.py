@@ -104,7 +104,7 @@ class Lookahead(Strategy):
     def step(self, session, sampler, pending):
         self.history.append(pending)
         tree, top, n_verify = self.build_tree(pending)
-        if session.n_past + len(tree) > session.n_ctx:  # the tree does not fit: a plain step
+        if len(tree) > session.room:  # the tree does not fit: a plain step
             return [sampler(session.decode([pending])[-1])]
         verdict, logits, row_of = self.verify_tree(session, sampler, tree)
         self.drafted -= len(tree) - n_verify  # lookahead rows are not drafts

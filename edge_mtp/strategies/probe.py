@@ -143,7 +143,7 @@ class Masks:
         owner = tree.add(prompt[-1], -1)
         rows = self.add(tree, owner)
         tokens, parents, embd, row_of = tree.layout()
-        if session.n_past + len(tokens) > session.n_ctx:  # no room for masks: plain prompt pass
+        if len(tokens) > session.room:  # no room for masks: plain prompt pass
             return session.prefill(prompt)
         logits = session.decode_tree(tokens, parents, embd)
         first = logits[row_of[owner]].copy()
@@ -178,7 +178,7 @@ class Probe(Strategy):
         grow = self._static_nodes if self.tree == "static" else self._dynamic_nodes
         owners = [root] + grow(tree, root)
         masks_of = {node: self.masks.add(tree, node) for node in owners}
-        if session.n_past + len(tree) > session.n_ctx:
+        if len(tree) > session.room:
             self.masks.proposal = []
             return [sampler(session.decode([pending])[-1])]  # the tree does not fit: plain step
         verdict, logits, row_of = self.verify_tree(session, sampler, tree)
