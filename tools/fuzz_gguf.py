@@ -2,8 +2,10 @@
 """Coverage-guided fuzzing of edge-mtp's GGUF validator (atheris; libFuzzer underneath).
 
 The property: for any bytes, gguf_file.scan + check return a Header or raise ModelError. Any other
-exception, a crash, a hang (libFuzzer's -timeout, seconds per input) or a blown memory limit
-(-rss_limit_mb) is a finding. The seed is a small well-formed GGUF written with gguf-py (two
+exception, a crash, a hang (libFuzzer's -timeout, seconds per input) or an allocation past the
+memory limit (MemoryError under an address-space limit of what the process holds at start plus
+MEMORY_HEADROOM; libFuzzer's own -rss_limit_mb reads ru_maxrss, which Linux carries over from the
+process that started this one, so it is off) is a finding. The seed is a small well-formed GGUF written with gguf-py (two
 layers, an 8-token vocabulary, real tensor data), so mutations start from a file that passes.
 
     python tools/fuzz_gguf.py -runs=20000                        # the suite's smoke run
@@ -12,6 +14,7 @@ layers, an 8-token vocabulary, real tensor data), so mutations start from a file
 """
 from __future__ import annotations
 
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -53,6 +56,15 @@ def seed_file(path: Path) -> Path:
     return path
 
 
+MEMORY_HEADROOM = 1 << 30  # bytes an input may make the validator allocate before it is a finding
+
+
+def limit_memory() -> None:
+    with open("/proc/self/statm") as fh:
+        vsize = int(fh.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (vsize + MEMORY_HEADROOM, resource.RLIM_INFINITY))
+
+
 def test_one_input(data: bytes) -> None:
     try:
         check(scan(data, checked, "fuzz"), "fuzz")
@@ -69,7 +81,8 @@ def main() -> None:
         check(scan(seed.read_bytes(), checked, "seed"), "seed")  # the seed itself must pass
         (seeds / "seed.gguf").write_bytes(seed.read_bytes())
         args = [a for a in sys.argv if a.startswith("-") or a == sys.argv[0]]
-        atheris.Setup(args + [str(seeds), "-rss_limit_mb=1024"], test_one_input)
+        atheris.Setup(args + [str(seeds), "-rss_limit_mb=0"], test_one_input)
+        limit_memory()
         atheris.Fuzz()
 
 
