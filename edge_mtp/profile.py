@@ -165,6 +165,31 @@ def measure(session: Session, rounds: int = 5, late_layers: tuple[int, ...] = ()
     return prof
 
 
+_ROW_NOISE: dict[str, float] = {}
+NOISE_ROWS = 16
+
+
+def row_noise(session: Session) -> float:
+    """How far a batch row's logits can stray from single-token decoding in this session's mode:
+    the max abs difference over a NOISE_ROWS-row batch after 32 tokens of context vs the same
+    tokens one at a time (0 under exact rows). Measured once per model, threads and mode; the
+    session's cache is cleared."""
+    key = profile_key(session)
+    if key not in _ROW_NOISE:
+        rng = np.random.default_rng(1)
+        vocab = session.model.n_vocab
+        context = rng.integers(100, vocab, 32).tolist()
+        rows = rng.integers(100, vocab, NOISE_ROWS).tolist()
+        session.clear()
+        session.prefill(context)
+        batch = session.decode(rows, all_logits=True).copy()
+        session.truncate(len(context))
+        single = np.stack([session.decode([t])[-1].copy() for t in rows])
+        session.clear()
+        _ROW_NOISE[key] = float(np.abs(batch - single).max())
+    return _ROW_NOISE[key]
+
+
 def get_profile(session: Session, late_layers: tuple[int, ...] = ()) -> Profile:
     """The cached profile of this session's model and mode, measured now if there is none (or it
     lacks a late-layer pass that is asked for)."""

@@ -71,9 +71,27 @@ def engine_and_plain(request):
         yield e, [e.generate(p, max_tokens=MATRIX_TOKENS, temperature=0)["tokens"] for p in FALLBACK_PROMPTS]
 
 
-@pytest.mark.parametrize("strategy", ["probe:10", "lookup:4"])
+@pytest.mark.parametrize("strategy", ["probe:10", "lookup:4", "lookahead:8", "hybrid:6", "auto"])
 def test_greedy_equivalence_beyond_the_default_model(engine_and_plain, strategy):
     engine, plain = engine_and_plain
     for prompt, expected in zip(FALLBACK_PROMPTS, plain):
         got = engine.generate(prompt, max_tokens=MATRIX_TOKENS, temperature=0, strategy=strategy)["tokens"]
         assert got == expected, f"{strategy} diverged on {prompt[:40]!r}"
+
+
+def test_near_ties_are_counted_when_exact_rows_are_off(f32_model_path, monkeypatch):
+    """Off exact rows, the speculation block says how many greedy choices from batch rows had a
+    top-2 gap under the measured batch-row noise; on, it claims nothing of the kind."""
+    import edge_mtp.profile as profile
+
+    prompt = FALLBACK_PROMPTS[0]
+    with Engine(str(f32_model_path), n_ctx=512, n_threads=2, strategy="probe:10", exact_rows=False) as e:
+        spec = e.generate(prompt, max_tokens=24, temperature=0)["speculation"]
+        assert spec["row_noise"] > 0  # F32 batches take llamafile sgemm: rows differ (exactness.md)
+        assert 0 <= spec["near_ties"] <= spec["verified_choices"] and spec["verified_choices"] >= 12
+        monkeypatch.setitem(profile._ROW_NOISE, profile.profile_key(e.session), 1e9)
+        spec = e.generate(prompt, max_tokens=24, temperature=0)["speculation"]
+        assert spec["near_ties"] == spec["verified_choices"]  # every gap is under an infinite noise
+        assert "row_noise" not in e.generate(prompt, max_tokens=4, temperature=0, strategy="plain")["speculation"]
+    with Engine(str(f32_model_path), n_ctx=512, n_threads=2, strategy="probe:10") as e:
+        assert "near_ties" not in e.generate(prompt, max_tokens=8, temperature=0)["speculation"]

@@ -6,6 +6,7 @@ from .base import Strategy
 
 class Plain(Strategy):
     name = "plain"
+    verifies = False
 
     def step(self, session, sampler, pending):
         return [sampler(session.decode([pending])[-1])]
