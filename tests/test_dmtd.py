@@ -215,6 +215,18 @@ def test_convert_options_inspect_and_refusals(hf_checkpoint, tmp_path):
         r = run_cli("inspect", out)
         assert r.exit_code == 0 and "MOSTLY_Q8_0" in r.output and "E1T2D1C2" in r.output, r.output
         assert "chat template  yes" in r.output
+        q4 = tmp_path / "q4.gguf"  # lower bits: the f16 conversion, then llama.cpp's quantizer
+        r = run_cli("convert", hf, "-o", q4, "--outtype", "q4_1", "--dmtd-cycle", "2")
+        assert r.exit_code == 0, r.output
+        r = run_cli("inspect", q4)
+        assert "MOSTLY_Q4_1" in r.output and "E1T2D1C2" in r.output, r.output
+        q = tmp_path / "requantized.gguf"  # `edge-mtp quantize` keeps the dmtd.* keys
+        r = run_cli("quantize", out, q, "q4_0")
+        assert r.exit_code == 0, r.output
+        r = run_cli("inspect", q)
+        assert "MOSTLY_Q4_0" in r.output and "E1T2D1C2" in r.output, r.output
+        r = run_cli("quantize", tmp_path / "nothing.gguf", q, "q4_0")
+        assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     config = json.loads((hf / "config.json").read_text())
     for change, message in [
         ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel' is not supported"),
