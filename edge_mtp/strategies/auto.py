@@ -6,14 +6,19 @@ prompt-lookup draft for the current text and the length L of the match it came f
 chance that each draft token is accepted, and sizes the draft d to maximise the expected gain over
 a plain step, in plain-step units:
 
-    gain(d) = sum_{i=1..d} prod_{j=1..i} a(L + j - 1)  -  (cost(d + 1) - 1)  -  overhead
+    gain(d) = sum_{i=1..d} prod_{j=1..i} a(L + j - 1)  -  s * (cost(d + 1) - 1)  -  overhead
 
 where a(l) is the probability that the next draft token is accepted when the match is l tokens
 long (accepting a token lengthens the match by one): lookup.py's MatchAcceptance, a Beta
 posterior per match length started from priors measured on Spec-Bench's dev split and updated
-with every verified draft token of the request. When no d has a positive gain the step is plain, and every RETRY-th such
-step a one-token draft is tried anyway so that pessimistic estimates can recover. The overheads
-(Python time of a tree step vs a plain step) are tracked online as fractions of a plain step.
+with every verified draft token of the request. When no d has a positive gain the step is plain,
+and after RETRY such steps a one-token draft is tried anyway so that pessimistic estimates can
+recover; each failed try doubles the wait (up to MAX_RETRY), a success resets it, so a text that
+drafts never fit pays almost nothing for the tries. The overheads
+(Python time of a tree step vs a plain step) are tracked online as fractions of a plain step, and
+so is s, the measured extra model time of this request's tree steps over the profile's prediction:
+the profile is taken at 256 cached tokens, and with a long prompt (RAG, summarization) attention
+makes every extra row dearer than that.
 
 Probing masks need a row each on every pass; auto turns them on only when the profile says the
 paper's acceptance could pay for them (never on the CPUs measured so far) and reports why not.
@@ -33,6 +38,7 @@ from .lookup import LONGEST, Lookup, MatchAcceptance
 
 MAX_DRAFT = 10
 RETRY = 32    # plain steps with a draft at hand between forced one-token tries
+MAX_RETRY = 512
 PROBE_MAT = {4: 1.08, 10: 1.18, 30: 1.30, 60: 1.38}  # papers.md / the probing issue: one mask
 
 
@@ -58,8 +64,10 @@ class Auto(Strategy):
         self.lookup.start(prompt)
         self.acceptance = MatchAcceptance()
         self.overhead = {"plain": 0.02, "tree": 0.06}  # Python time per step / plain step time
+        self.plain_ms = self.profile.step_ms if self.profile else 0.0  # model time of a plain step
+        self.row_scale = 1.0  # observed / predicted extra model time of a tree step
         self.kinds = {"plain": 0, "draft": 0, "retry": 0}
-        self.since_try = 0
+        self.since_try, self.retry_after = 0, RETRY
         self.draft_rows = 0
         self.cost = self._cost_table()
         return super().prefill(session, prompt)
@@ -85,7 +93,7 @@ class Auto(Strategy):
             return 0
         reach = np.cumprod(self.acceptance.along(match, d_max))  # P(first i drafts accepted)
         extra = self.overhead["tree"] - self.overhead["plain"]
-        gain = np.cumsum(reach) - (self.cost[2:d_max + 2] - 1.0) - extra
+        gain = np.cumsum(reach) - self.row_scale * (self.cost[2:d_max + 2] - 1.0) - extra
         best = int(np.argmax(gain))
         return best + 1 if gain[best] > 0 else 0
 
@@ -101,7 +109,7 @@ class Auto(Strategy):
         kind = "draft"
         if d == 0 and drafts and self.profile is not None:
             self.since_try += 1
-            if self.since_try >= RETRY:
+            if self.since_try >= self.retry_after:
                 d, kind, self.since_try = 1, "retry", 0
         if d == 0:
             out = [sampler(session.decode([pending])[-1])]
@@ -113,14 +121,29 @@ class Auto(Strategy):
                 parent = tree.add(t, parent)
             out = self.verify_tree(session, sampler, tree)[0].tokens
             self.acceptance.learn(match, drafts[:d], out)
+            if kind == "retry":
+                self.retry_after = RETRY if len(out) > 1 else min(2 * self.retry_after, MAX_RETRY)
             self.draft_rows += d
         lk.history.extend(out[:-1])
         self.kinds[kind] += 1
-        if self.profile is not None:  # Python time of this step, as a fraction of a plain step
-            python_s = (time.perf_counter() - t0) - (session.model_s - m0)
-            key = "plain" if kind == "plain" else "tree"
-            self.overhead[key] += 0.1 * (python_s * 1e3 / self.profile.step_ms - self.overhead[key])
+        if self.profile is not None:
+            self._observe(kind, d, session.model_s - m0, time.perf_counter() - t0)
         return out
+
+    def _observe(self, kind: str, d: int, model_s: float, step_s: float) -> None:
+        """Track, as running means: a plain step's model time; how much dearer than predicted a
+        tree step's extra rows were (clipped to [0.5, 4]: one slow step is not a trend); and the
+        Python time of each kind of step as a fraction of a plain step."""
+        model_ms = model_s * 1e3
+        if kind == "plain":
+            self.plain_ms += 0.1 * (model_ms - self.plain_ms)
+        else:
+            seen = model_ms / self.plain_ms - 1.0
+            ratio = float(np.clip(seen / (self.cost[d + 1] - 1.0), 0.5, 4.0))
+            self.row_scale += 0.2 * (ratio - self.row_scale)
+        key = "plain" if kind == "plain" else "tree"
+        python = (step_s - model_s) * 1e3 / self.profile.step_ms
+        self.overhead[key] += 0.1 * (python - self.overhead[key])
 
     def probe_verdict(self) -> str:
         """Why probing masks are off (or would be on) on this device's curve."""
@@ -150,6 +173,7 @@ class Auto(Strategy):
                          f"{self.probe_verdict()}"),
             "steps_by_kind": dict(self.kinds),
             "mean_draft_length": round(self.draft_rows / drafts, 3) if drafts else 0.0,
+            "row_cost_scale": round(self.row_scale, 3),
             "acceptance_by_match_length": {str(i): round(float(a[i]), 3) for i in range(1, len(a))},
             "profile": self.profile.key,
         }
