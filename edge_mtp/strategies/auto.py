@@ -14,7 +14,10 @@ posterior per match length started from priors measured on Spec-Bench's dev spli
 with every verified draft token of the request. When no d has a positive gain the step is plain,
 and after RETRY such steps a one-token draft is tried anyway so that pessimistic estimates can
 recover; each failed try doubles the wait (up to MAX_RETRY), a success resets it, so a text that
-drafts never fit pays almost nothing for the tries. The overheads
+drafts never fit pays almost nothing for the tries. Drafts also start short, like TCP's slow
+start: a request may draft at most FIRST_CAP tokens, the cap doubling after a fully accepted draft
+and halving after a rejected first token, so a text whose long matches do not continue (a RAG
+answer paraphrasing its passages) loses a 3-row pass, not an 11-row one, before the estimate learns. The overheads
 (Python time of a tree step vs a plain step) are tracked online as fractions of a plain step, and
 so is s, the measured extra model time of this request's tree steps over the profile's prediction:
 the profile is taken at 256 cached tokens, and with a long prompt (RAG, summarization) attention
@@ -39,6 +42,7 @@ from .lookup import LONGEST, Lookup, MatchAcceptance
 MAX_DRAFT = 10
 RETRY = 32    # plain steps with a draft at hand between forced one-token tries
 MAX_RETRY = 512
+FIRST_CAP = 2
 PROBE_MAT = {4: 1.08, 10: 1.18, 30: 1.30, 60: 1.38}  # papers.md / the probing issue: one mask
 
 
@@ -68,6 +72,7 @@ class Auto(Strategy):
         self.row_scale = 1.0  # observed / predicted extra model time of a tree step
         self.kinds = {"plain": 0, "draft": 0, "retry": 0}
         self.since_try, self.retry_after = 0, RETRY
+        self.cap = FIRST_CAP
         self.draft_rows = 0
         self.cost = self._cost_table()
         return super().prefill(session, prompt)
@@ -88,7 +93,7 @@ class Auto(Strategy):
 
     def choose(self, match: int, available: int) -> int:
         """The draft length with the best expected gain over a plain step (0: plain)."""
-        d_max = min(available, self.max_draft)
+        d_max = min(available, self.max_draft, self.cap)
         if d_max == 0:
             return 0
         reach = np.cumprod(self.acceptance.along(match, d_max))  # P(first i drafts accepted)
@@ -121,6 +126,9 @@ class Auto(Strategy):
                 parent = tree.add(t, parent)
             out = self.verify_tree(session, sampler, tree)[0].tokens
             self.acceptance.learn(match, drafts[:d], out)
+            accepted = len(out) - 1
+            self.cap = min(2 * self.cap, MAX_DRAFT) if accepted == d else \
+                max(1, self.cap // 2) if accepted == 0 else self.cap
             if kind == "retry":
                 self.retry_after = RETRY if len(out) > 1 else min(2 * self.retry_after, MAX_RETRY)
             self.draft_rows += d
