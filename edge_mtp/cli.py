@@ -8,6 +8,7 @@ import sys
 import click
 
 from . import __version__
+from .convert import OUTTYPES
 from .errors import EdgeMTPError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -236,8 +237,7 @@ def bench(model, data, strategies, max_tokens, limit, out, n_threads, n_ctx):
 @main.command()
 @click.argument("hf_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write")
-@click.option("--outtype", default="f16", show_default=True,
-              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"]),
+@click.option("--outtype", default="f16", show_default=True, type=click.Choice(OUTTYPES),
               help="weight type; q4_*/q5_*/q6_* go through llama.cpp's quantizer after an f16 conversion")
 @click.option("--dmtd-cycle", type=click.IntRange(1), default=None,
               help="DMTD cycle length to record (default: config.json's mtp_horizon)")
@@ -253,13 +253,12 @@ def convert(hf_dir, out, outtype, dmtd_cycle):
 @main.command()
 @click.argument("src")
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.argument("weight_type", type=click.Choice(["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M",
-                                                  "Q5_K_M", "Q6_K"], case_sensitive=False))
+@click.argument("weight_type", type=click.Choice(OUTTYPES, case_sensitive=False))
 @clean_errors
 def quantize(src, dst, weight_type):
-    """Write SRC (a .gguf or a known model's name) with its weights in WEIGHT_TYPE with llama.cpp's quantizer (re-quantizing or
-    dequantizing a quantized file too, e.g. the F32 twin of a Q4_1 model); metadata, dmtd.* keys
-    included, is kept."""
+    """Write SRC (a .gguf or a known model's name) with its weights in WEIGHT_TYPE, with llama.cpp's
+    quantizer (re-quantizing or dequantizing a quantized file too, e.g. the F32 twin of a Q4_1
+    model); metadata, dmtd.* keys included, is kept."""
     from .backend import quantize_model
     from .models import resolve_model
 

@@ -21,7 +21,7 @@ from .gguf_meta import DmtdConfig, dmtd_from_hf_config
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's converter writes itself
 # lower-bit types: converted to f16 first, then llama.cpp's quantizer (backend.quantize_model)
 QUANTIZED_TYPES = ("q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
-OUTTYPES = CONVERTER_TYPES + QUANTIZED_TYPES
+OUTTYPES = CONVERTER_TYPES + QUANTIZED_TYPES  # backend.WEIGHT_TYPES, lower-case
 # HF architecture -> the one llama.cpp's converter knows; DMTD classes are their base model
 # with a routing gate that lives in edge-mtp's runtime, not in the weights
 ARCHITECTURES = {
@@ -132,7 +132,8 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", dmtd_cycl
                          "pip install 'edge-mtp[convert]'") from None
     src = converter_source()
     with tempfile.TemporaryDirectory(prefix="edge-mtp-convert-") as tmp:
-        final, out = out, (Path(tmp) / "f16.gguf" if outtype in QUANTIZED_TYPES else out)
+        quantized = outtype in QUANTIZED_TYPES
+        converted = Path(tmp) / "f16.gguf" if quantized else out  # what the converter writes
         stage = Path(tmp) / hf_dir.resolve().name  # the converter names the model after its folder
         stage.mkdir()
         for f in hf_dir.iterdir():  # the checkpoint as llama.cpp's converter knows it
@@ -141,18 +142,17 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", dmtd_cycl
         (stage / "config.json").write_text(json.dumps({**config, "architectures": [arch]}))
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-c", _CHILD, str(src), json.dumps(dmtd.kv() if dmtd else {}),
-               str(stage), "--outfile", str(out), "--outtype",
-               "f16" if outtype in QUANTIZED_TYPES else outtype]
+               str(stage), "--outfile", str(converted), "--outtype", "f16" if quantized else outtype]
         res = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None,
                              stderr=subprocess.STDOUT if quiet else None, text=True)
         if res.returncode != 0:
             tail = (res.stdout or "").strip().splitlines()[-1:] or ["see the converter's output above"]
             raise ModelError(f"llama.cpp's converter failed on {hf_dir}: {tail[0]}")
-        if out != final:  # the quantizer keeps every metadata key, dmtd.* included
+        if quantized:  # the quantizer keeps every metadata key, dmtd.* included
             from .backend import quantize_model
 
-            quantize_model(out, final, outtype.upper())
-    return final
+            quantize_model(converted, out, outtype.upper())
+    return out
 
 
 def describe(path: str | Path) -> dict:

@@ -17,8 +17,9 @@ class TextStream:
     """Bytes of token pieces in, text safe to show out.
 
     Holds back incomplete UTF-8 sequences (a character split across tokens is never shown broken;
-    one still unfinished when the answer ends is dropped) and any tail that could still become a stop string; `stopped` is set once a stop string appears,
-    and the text before it is all that is ever emitted.
+    one still unfinished when the answer ends is dropped) and any tail that could still become a
+    stop string; `stopped` is set once a stop string appears, and the text before it is all that
+    is ever emitted.
     """
 
     def __init__(self, stop: list[str]):

@@ -17,9 +17,9 @@ recover; each failed try doubles the wait (up to MAX_RETRY), a success resets it
 drafts never fit pays almost nothing for the tries. Drafts also start short, like TCP's slow
 start: a request may draft at most FIRST_CAP tokens, the cap doubling after a fully accepted draft
 and halving after a rejected first token, so a text whose long matches do not continue (a RAG
-answer paraphrasing its passages) loses a 3-row pass, not an 11-row one, before the estimate learns. The overheads
-(Python time of a tree step vs a plain step) are tracked online as fractions of a plain step, and
-so is s, the measured extra model time of this request's tree steps over the profile's prediction:
+answer paraphrasing its passages) loses a 3-row pass, not an 11-row one, before the estimate
+learns. The overheads (Python time of a tree step vs a plain step) are tracked online as fractions
+of a plain step, and so is s, the measured extra model time of this request's tree steps over the profile's prediction:
 the profile is taken at 256 cached tokens, and with a long prompt (RAG, summarization) attention
 makes every extra row dearer than that.
 
@@ -147,7 +147,8 @@ class Auto(Strategy):
             self.plain_ms += 0.1 * (model_ms - self.plain_ms)
         else:
             seen = model_ms / self.plain_ms - 1.0
-            ratio = float(np.clip(seen / (self.cost[d + 1] - 1.0), 0.5, 4.0))
+            predicted = max(self.cost[d + 1] - 1.0, 1e-3)  # a curve may price extra rows at 0
+            ratio = float(np.clip(seen / predicted, 0.5, 4.0))
             self.row_scale += 0.2 * (ratio - self.row_scale)
         key = "plain" if kind == "plain" else "tree"
         python = (step_s - model_s) * 1e3 / self.profile.step_ms
