@@ -142,8 +142,8 @@ def chat(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_row
               help="CPU threads (default: all cores, at most 8)")
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
 @click.option("--exact-rows/--no-exact-rows", default=True, show_default=True)
-@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 50),
-              help="interleaved timing rounds (the fastest per row count counts)")
+@click.option("--rounds", default=7, show_default=True, type=click.IntRange(1, 50),
+              help="interleaved timing rounds (the median per row count counts)")
 @click.option("--late-layers", multiple=True, type=click.IntRange(1),
               help="also time one row through only the last D layers (DMTD; repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")

@@ -3,8 +3,10 @@
 Speculation pays only if the extra rows of a verification pass cost less than the tokens they win
 (measured-facts.md: on 2 cores 8 rows cost 4.7 single steps for a Q4_1 model, 1.8 for its F32
 twin). `auto` reads this curve to decide, so it is measured, not assumed: a tree decode of n rows
-(n on a grid up to 64) after a 256-token context, interleaved over several rounds, the fastest
-round per n (interference only adds time) divided by the fastest plain one-token step. Profiles
+(n on a grid up to 64) after a 256-token context, plus the graph rebuild it costs the plain step
+after it, divided by the plain one-token step timed just before it; the median of these ratios
+over several interleaved rounds (taking the fastest round of each instead swung the 2-row cost of
+the F32 twin between 1.16 and 1.53 from one calibration to the next). Profiles
 are cached per model file, thread count, backend build and numeric mode (exact rows and flash
 attention change the kernels, and so the cost).
 """
@@ -25,7 +27,7 @@ from .models import cache_dir
 
 GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 CONTEXT = 256  # cached tokens before each measured pass, as in measured-facts.md
-FORMAT = 1
+FORMAT = 2  # 2: paired medians with the graph switch-back (1: fastest of rounds)
 
 
 @dataclass
@@ -103,7 +105,7 @@ def device_info(session: Session) -> dict:
             "flash_attn": session.flash_attn, "model": Path(session.model.path).name}
 
 
-def measure(session: Session, rounds: int = 5, late_layers: tuple[int, ...] = (),
+def measure(session: Session, rounds: int = 7, late_layers: tuple[int, ...] = (),
             progress=None) -> Profile:
     """Time the grid on this session (its cache is cleared before and after) and cache the result."""
     model = session.model
@@ -117,16 +119,18 @@ def measure(session: Session, rounds: int = 5, late_layers: tuple[int, ...] = ()
     chains = {n: rng.integers(100, model.n_vocab, n).astype(np.int32) for n in GRID}
     parents = {n: np.arange(-1, n - 1, dtype=np.int32) for n in GRID}
 
-    def one(n: int) -> float:
+    def plain() -> float:  # exactly what a plain step does
         t0 = time.perf_counter()
-        if n == 1:  # exactly what a plain step does
-            session.decode(chains[1])
-            dt = time.perf_counter() - t0
-            session.truncate(CONTEXT)
-        else:
-            session.decode_tree(chains[n], parents[n])
-            dt = time.perf_counter() - t0
-            session.commit([])
+        session.decode(chains[1])
+        dt = time.perf_counter() - t0
+        session.truncate(CONTEXT)
+        return dt
+
+    def rows(n: int) -> float:
+        t0 = time.perf_counter()
+        session.decode_tree(chains[n], parents[n])
+        dt = time.perf_counter() - t0
+        session.commit([])
         return dt
 
     def late(d: int) -> float:
@@ -138,24 +142,31 @@ def measure(session: Session, rounds: int = 5, late_layers: tuple[int, ...] = ()
         session.truncate(CONTEXT)
         return dt
 
-    jobs = [(one, n) for n in GRID] + [(late, d) for d in late_layers]
+    jobs = [(rows, n) for n in GRID[1:]] + [(late, d) for d in late_layers]
     for fn, arg in jobs:  # warm-up: every shape once (graph allocation, caches)
         fn(arg)
-    times: dict[tuple, list[float]] = {}
+        plain()
+    steps: list[float] = []
+    ratios: dict[tuple, list[float]] = {}
     for r in range(rounds):
-        order = rng.permutation(len(jobs))
-        for i in order:
+        for i in rng.permutation(len(jobs)):
             fn, arg = jobs[i]
-            times.setdefault((fn.__name__, arg), []).append(fn(arg))
+            plain()  # the graph is a plain step's, as when decoding switches to a tree step
+            step, t = plain(), fn(arg)
+            # a tree step also costs the next plain step its graph rebuild (llama.cpp re-uses a
+            # graph only for the same shape): about 0.5 ms here, 7% of a plain step of the default
+            back = plain() - step if fn is rows else 0.0
+            steps.append(step)
+            ratios.setdefault((fn.__name__, arg), []).append((t + back) / step)
         if progress:
             progress(r + 1, rounds)
     session.clear()
-    # the fastest round per shape: interference (other processes, frequency dips) only adds time
-    step = min(times[("one", 1)])
-    cost = np.maximum.accumulate([min(times[("one", n)]) / step for n in GRID])  # more rows never cost less
+    # each pass timed against the plain step just before it (slow drifts of the machine cancel),
+    # the median over rounds (a stray slow pass moves nothing)
+    cost = np.maximum.accumulate([1.0] + [float(np.median(ratios[("rows", n)])) for n in GRID[1:]])
     prof = Profile(profile_key(session), list(GRID), [round(float(c), 4) for c in cost],
-                   round(step * 1e3, 4),
-                   {str(d): round(min(times[("late", d)]) / step, 4) for d in late_layers},
+                   round(float(np.median(steps)) * 1e3, 4),
+                   {str(d): round(float(np.median(ratios[("late", d)])), 4) for d in late_layers},
                    device_info(session))
     path = profile_path(prof.key)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from edge_mtp.profile import GRID, Profile, load_profile, measure
-from edge_mtp.strategies.lookup import Lookup
+from edge_mtp.strategies.auto import DraftPolicy, cost_table
+from edge_mtp.strategies.lookup import BUCKET_START, LONGEST, Lookup, MatchAcceptance, bucket, continues_word
 
 REPEATING = [{"role": "user", "content": "Repeat exactly, twice: the quick brown fox jumps over the "
                                          "lazy dog while the small cat sleeps on the warm red mat."}]
@@ -30,6 +31,72 @@ def test_lookup_match_length_counts_the_shared_suffix():
     assert lk.find(2) == (4, [4, 9])  # "7 1 2 3" occurred before: a 4-token match
     lk.start([1, 2, 3])
     assert lk.find(4) == (0, [])
+
+
+def test_lookup_support_counts_what_followed_the_matched_ngram():
+    lk = Lookup()
+    lk.start([7, 1, 5, 9, 1, 5, 9, 1, 6, 2, 1])
+    match, draft = lk.find(2)
+    assert draft == [6, 2] and match == 1  # the latest "1" was followed by 6
+    assert lk.support == (1, 3)  # "1" was followed by 5, 5 and 6: the draft's 6 once of three
+    lk.start([4, 8, 3, 4, 8, 3, 4, 8, 3, 4, 8])
+    assert lk.find(1) == (8, [3]) and lk.support == (2, 2)  # "3 4 8" always followed by 3
+    lk.start([1, 2, 3])
+    assert lk.find(4) == (0, []) and lk.support == (0, 0)
+
+
+def test_match_length_buckets_cover_every_length():
+    lengths = np.arange(1, LONGEST + 40)
+    b = bucket(lengths)
+    assert b[0] == 0 and (np.diff(b) >= 0).all() and b[-1] == len(BUCKET_START) - 1
+    assert (BUCKET_START[b] <= np.minimum(lengths, LONGEST)).all()
+    assert bucket(12) == 11 and bucket(13) == bucket(16) and bucket(500) == bucket(LONGEST)
+
+
+def test_acceptance_rises_with_match_length_agreement_and_word_continuation():
+    acc = MatchAcceptance()
+    assert acc.at(1) < acc.at(5) < acc.at(20) < acc.at(60)
+    plain = acc.along(2, 3)
+    split_word = acc.along(2, 3, [False, False, False], (1, 4))
+    agreed_cont = acc.along(2, 3, [True, True, True], (3, 3))
+    assert split_word[0] < plain[0] < agreed_cont[0]
+    assert split_word[1] < plain[1] < agreed_cont[1]  # later tokens: word start vs continuation
+    assert max(agreed_cont) < 1 and min(split_word) > 0
+
+
+def test_acceptance_learns_a_request_offset_from_tested_tokens():
+    hits, misses = MatchAcceptance(), MatchAcceptance()
+    for _ in range(20):
+        hits.learn(2, [5, 6, 7], [5, 6, 7, 1])  # three tested, all right
+        misses.learn(2, [5, 6, 7], [9])  # the first one wrong: the rest untested
+    assert hits.offset > 0 > misses.offset
+    assert hits.at(2) > MatchAcceptance().at(2) > misses.at(2)
+    frozen = MatchAcceptance(rate=0.0)
+    frozen.learn(2, [5], [9])
+    assert frozen.offset == 0.0
+
+
+def test_policy_drafts_long_only_on_a_long_agreed_match_under_a_dear_curve():
+    dear = curve(lambda n: 1.0 + 0.9 * (n - 1) ** 0.8)  # about the default model's 2-core curve
+    policy = DraftPolicy(cost_table(dear))
+    policy.cap = 10
+    conts = [True] * 10
+    assert policy.choose(1, 10, [False] * 10, (1, 5)) == 0  # a 1-token match seen with 5 followers
+    assert policy.choose(60, 10, conts, (4, 4)) >= 6  # copying a passage: a long draft
+    policy.cap = 2
+    assert policy.choose(60, 10, conts, (4, 4)) == 2  # slow start caps it
+    policy.learn(60, [1, 2], [1, 2, 3])
+    assert policy.cap == 4  # a fully accepted draft doubles the cap
+    policy.learn(60, [1, 2, 3], [9])
+    assert policy.cap == 2  # a rejected first token halves it
+    policy.learn(60, [1], [9], verified=False)
+    assert policy.cap == 2  # a plain step's test of the first token teaches acceptance only
+    assert policy.acceptance.offset < 0
+
+
+def test_continues_word():
+    assert continues_word(b"ing") and continues_word(b"7")
+    assert not continues_word(b" the") and not continues_word(b",") and not continues_word(b"")
 
 
 def test_auto_drafts_when_rows_are_cheap_and_not_when_they_are_dear(engine):

@@ -148,7 +148,7 @@ def test_ctrl_c_inside_a_speculative_step_leaves_the_cache_consistent(engine, mo
 
     monkeypatch.setattr(Session, where, interrupted)
     if strategy == "auto":  # auto drafts only where it pays; make every step a tree step
-        monkeypatch.setattr("edge_mtp.strategies.auto.Auto.choose", lambda self, match, avail: min(avail, 3))
+        monkeypatch.setattr("edge_mtp.strategies.auto.DraftPolicy.choose", lambda self, match, avail, *_: min(avail, 3))
     stream = engine.stream(PROMPT, 40, temperature=0, strategy=strategy)
     with pytest.raises(KeyboardInterrupt):
         for _ in stream:

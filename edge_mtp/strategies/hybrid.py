@@ -82,7 +82,6 @@ class Hybrid(Strategy):
     def _plan(self, pending: int, match: int, chain: list[int], rows: int):
         """Fill `rows` rows best first; returns the tree, the mask rows of each masked node and
         the sources of each draft node."""
-        a = self.chain.rates()
         h = self.rank_hits / self.rank_trials
         tree = TokenTree()
         root = tree.add(pending, -1)
@@ -93,7 +92,7 @@ class Hybrid(Strategy):
         def offer(value: float, *item) -> None:
             heapq.heappush(heap, (-value, next(order), item))
 
-        p_first, first_source = (a[min(match, LONGEST)], ("lookup",)) if chain else (0.0, ())
+        p_first, first_source = (self.chain.at(match), ("lookup",)) if chain else (0.0, ())
         if self.masks.proposal:
             for r, c in enumerate(self.masks.proposal[0][0]):
                 if c == pending:
@@ -121,7 +120,7 @@ class Hybrid(Strategy):
             kids_p[parent] += -neg_value
             offer(h[0] * -neg_value, "mask", node)
             if at is not None and at + 1 < len(chain):
-                offer(-neg_value * a[min(match + at + 1, LONGEST)], "draft", node, chain[at + 1], at + 1,
+                offer(-neg_value * self.chain.at(match + at + 1), "draft", node, chain[at + 1], at + 1,
                       ("lookup",))
         return tree, masks_of, source
 

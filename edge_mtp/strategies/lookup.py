@@ -5,6 +5,8 @@ summaries). Rows per step: 1 + draft length (budget - 1, at most 10).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import RequestError
@@ -13,42 +15,83 @@ from .base import Strategy
 
 DEFAULT_BUDGET = 11  # the root and a draft of up to 10, as in the prompt-lookup baseline
 MAX_NGRAM = 3
-LONGEST = 12  # match lengths >= this share one acceptance estimate
-# a(l) priors: acceptance of the next lookup draft token after an l-token match (l >= 12 pooled),
-# made monotone, from tools/lookup_acceptance.py on Spec-Bench dev (SmolLM2-135M, greedy, 128
-# tokens, 8 questions per subtask: 0.25 0.53 0.62 0.74 0.75 0.79 0.81 0.72 0.78 0.80 0.86 0.94);
-# index 0 unused
-PRIOR = np.array([0.0, 0.25, 0.53, 0.62, 0.72, 0.75, 0.78, 0.79, 0.79, 0.80, 0.82, 0.86, 0.94])
-PRIOR_WEIGHT = 4.0  # pseudo-observations behind each prior
+LONGEST = 64  # match lengths are counted up to this; longer ones share its estimate
+# Acceptance is estimated per match-length bucket: lengths 1..12 each, then wider ranges (a long
+# match is rarer and its acceptance changes slowly). BUCKET_START[i] is bucket i's first length.
+BUCKET_START = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 21, 25, 33, 49])
+# a(l) priors per bucket: acceptance of the next lookup draft token after an l-token match, made
+# monotone, from `tools/auto_replay.py priors` on all 120 questions of Spec-Bench dev (SmolLM2-135M
+# Q4_1, greedy, 128 tokens; 41,000 draft tokens): 0.25 after a 1-token match, 0.75 after 5,
+# 0.89 after 12, 0.95 after 25-32, 0.99 after 49+ (a passage being copied)
+PRIOR = np.array([0.25, 0.53, 0.63, 0.70, 0.745, 0.765, 0.83, 0.83, 0.864, 0.87, 0.87, 0.889,
+                  0.89, 0.916, 0.94, 0.952, 0.97, 0.988])
+LOGIT_PRIOR = [math.log(a / (1.0 - a)) for a in PRIOR]
+LEARNING_RATE = 0.05  # step of the per-request logit offset per tested draft token
+# A draft token is also told by whether it continues a word (a piece without a leading space or
+# punctuation: the rest of a word already begun is rarely changed), and the first one by what
+# followed the matched n-gram before: other tokens too (split), once (single), or always this token
+# (agreed). These shift a(l) on the logit scale, fitted on the same drafts: first tokens split /
+# single / agreed x word start / continuation observed 0.22 0.36 0.62 0.85 0.86 0.94 where length
+# alone predicted 0.40-0.72; later tokens 0.84 / 0.93 where it predicted 0.86.
+FIRST_SHIFT = ((-1.08, -0.49), (-0.08, 1.08), (1.15, 2.30))  # [agreement][continues]
+LATER_SHIFT = (-0.18, 0.76)  # [continues]
+
+
+def continues_word(piece: bytes) -> bool:
+    """Whether a token's text continues the word before it (no leading space or punctuation)."""
+    return piece[:1].isalnum()
+
+
+def bucket(length):
+    """The acceptance bucket of a match length (1..LONGEST; arrays too)."""
+    return np.searchsorted(BUCKET_START, np.minimum(length, LONGEST), side="right") - 1
+
+
+BUCKET_OF = [max(int(bucket(n)), 0) for n in range(LONGEST + 1)]  # by match length, for scalars
 
 
 class MatchAcceptance:
-    """a(l): the chance that the next lookup draft token is accepted after an l-token match
-    (accepting a token lengthens the match by one). A Beta posterior per match length, started
-    from PRIOR and updated with every verified draft token; auto sizes its drafts by it, hybrid
-    values its chain rows by it, tools/lookup_acceptance.py measures the priors with it."""
+    """a: the chance that a lookup draft token is accepted, from its match length (accepting a
+    token lengthens the match by one), whether it continues a word and, for the first one, how
+    consistently the matched n-gram was followed: the measured priors on the logit scale plus one
+    offset per request, learned online (logistic regression's gradient step on the bias) from
+    every draft token whose truth becomes known, verified or not. auto sizes its drafts by it,
+    hybrid values its chain rows by it."""
 
-    def __init__(self, prior_weight: float = PRIOR_WEIGHT):
-        self.hits = PRIOR * prior_weight
-        self.trials = np.full(len(PRIOR), prior_weight)
+    def __init__(self, rate: float = LEARNING_RATE):
+        self.rate = rate
+        self.offset = 0.0  # this request's logit offset from the priors
 
-    def rates(self) -> np.ndarray:
-        """a(l) for l = 0..LONGEST (0 unused)."""
-        return self.hits / np.maximum(self.trials, 1e-12)
+    def along(self, match: int, n: int, continues=None, support: tuple[int, int] = (0, 0)) -> list[float]:
+        """a for draft tokens 1..n of a chain found after a `match`-token match; `continues` (per
+        draft token: does it continue a word?) and the find's `support` (agreeing, all
+        occurrences) shift it as FIRST_SHIFT and LATER_SHIFT say, when given."""
+        out = []
+        for i in range(n):
+            z = LOGIT_PRIOR[BUCKET_OF[min(match + i, LONGEST)]] + self.offset
+            if continues is not None:
+                if i == 0:
+                    agreeing, seen = support
+                    z += FIRST_SHIFT[0 if agreeing < seen else 1 if seen == 1 else 2][continues[0]]
+                else:
+                    z += LATER_SHIFT[continues[i]]
+            out.append(1.0 / (1.0 + math.exp(-z)))
+        return out
 
-    def along(self, match: int, n: int) -> np.ndarray:
-        """a for draft tokens 1..n of a chain found after a `match`-token match."""
-        return self.rates()[np.minimum(np.arange(match, match + n), LONGEST)]
+    def at(self, length: int) -> float:
+        """a after a `length`-token match, nothing else known."""
+        return self.along(length, 1)[0]
 
-    def learn(self, match: int, drafts, truth) -> None:
-        """Score a verified chain: draft i counts as tested when drafts 0..i-1 were right and the
-        true token at i is known (truth: the accepted tokens and the bonus, or the reference)."""
-        for i, (d, t) in enumerate(zip(drafts, truth)):
-            length = min(match + i, LONGEST)
-            self.trials[length] += 1
-            if d != t:
+    def learn(self, match: int, drafts, truth, continues=None, support: tuple[int, int] = (0, 0)) -> None:
+        """Score a chain: draft i is tested when drafts 0..i-1 were right and the true token at i
+        is known (truth: the accepted tokens and the bonus, the token a plain step chose, or the
+        reference)."""
+        n = min(len(drafts), len(truth))
+        for i, a in enumerate(self.along(match, n, continues, support)):
+            hit = drafts[i] == truth[i]
+            self.offset += self.rate * (hit - a)
+            if not hit:
                 break
-            self.hits[length] += 1
 
 
 class Lookup(Strategy):
@@ -69,7 +112,10 @@ class Lookup(Strategy):
         """A new text to match against: the prompt; append every token that follows to `history`."""
         self.history: list[int] = list(prompt)
         self.index: list[dict[tuple, int]] = [{} for _ in range(self.max_ngram + 1)]
+        # per n-gram: how often each token followed it, and (under None) how often anything did
+        self.follow: list[dict[tuple, dict]] = [{} for _ in range(self.max_ngram + 1)]
         self.indexed = 0  # n-grams ending before this history position are in the index
+        self.support = (0, 0)  # of the last find: occurrences followed by its draft, all occurrences
 
     def draft(self, limit: int) -> list[int]:
         """Continuation of the latest earlier occurrence of the longest matching suffix n-gram."""
@@ -78,21 +124,31 @@ class Lookup(Strategy):
     def find(self, limit: int, longest: int = 16) -> tuple[int, list[int]]:
         """(match length, draft): the draft of `draft`, and how many tokens (up to `longest`) the
         history's suffix and the text before that earlier occurrence share; 0 and [] if none.
-        A longer match predicts a likelier continuation (auto sizes drafts by it)."""
+        A longer match predicts a likelier continuation (auto sizes drafts by it), and so does
+        `support`: how many of the n-gram's occurrences were followed by the draft's first token,
+        of how many (a 1-gram seen 9 times with 5 different followers predicts little)."""
         h = self.history
         for end in range(self.indexed + 1, len(h)):  # index all but the suffix itself
             for n in range(1, self.max_ngram + 1):
                 if end >= n:
-                    self.index[n][tuple(h[end - n:end])] = end
+                    gram = tuple(h[end - n:end])
+                    self.index[n][gram] = end
+                    followers = self.follow[n].setdefault(gram, {None: 0})  # None: the total
+                    followers[h[end]] = followers.get(h[end], 0) + 1
+                    followers[None] += 1
         self.indexed = max(self.indexed, len(h) - 1)
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if len(h) >= n:
-                at = self.index[n].get(tuple(h[-n:]))
+                gram = tuple(h[-n:])
+                at = self.index[n].get(gram)
                 if at is not None:
                     k = n
                     while k < longest and k < at and h[at - 1 - k] == h[-1 - k]:
                         k += 1
+                    followers = self.follow[n][gram]
+                    self.support = (followers[h[at]], followers[None])
                     return k, h[at:at + limit]
+        self.support = (0, 0)
         return 0, []
 
     def step(self, session, sampler, pending):
