@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import load_tool
 from edge_mtp.profile import GRID, Profile, load_profile, measure
 from edge_mtp.strategies.auto import DraftPolicy, cost_table
 from edge_mtp.strategies.lookup import BUCKET_START, LONGEST, Lookup, MatchAcceptance, bucket, continues_word
@@ -151,3 +152,22 @@ def test_calibrate_cli_prints_the_curve(model_path, tmp_path):
     prof = json.loads(out.stdout)
     assert prof["rows"] == list(GRID) and len(prof["cost"]) == len(GRID)
     assert list((tmp_path / "profiles").glob("*.json"))
+
+
+def test_replay_tool_follows_plain_decoding_and_prices_drafts_by_the_curve(engine):
+    replay = load_tool("auto_replay")
+    text = ("The list: apple, banana, cherry, grape, lemon, mango. Again: apple, banana, cherry, "
+            "grape, lemon, mango. Again: apple,")
+    prompt = engine.tokenize(text)
+    answer, eos = replay.greedy(engine, prompt, 48)
+    plain = engine.generate(text, max_tokens=48, temperature=0, strategy="plain")
+    assert answer == plain["tokens"] and eos == (plain["choices"][0]["finish_reason"] == "stop")
+    turn = {"prompt": prompt, "answer": answer, "eos": eos}
+    continues = lambda t: continues_word(engine.model.piece(t))  # noqa: E731
+    tokens, spent_dear, steps = replay.replay_turn(turn, cost_table(DEAR), continues)
+    assert tokens == len(answer) - 1 and steps == len(answer) - 1 + eos
+    assert spent_dear == pytest.approx(steps * (1 + DraftPolicy(cost_table(DEAR)).overhead["plain"]))
+    _, spent_cheap, _ = replay.replay_turn(turn, cost_table(CHEAP), continues)
+    _, spent_oracle, _ = replay.replay_turn(turn, cost_table(CHEAP), continues, oracle=True)
+    assert spent_cheap < 0.9 * spent_dear  # the repeated list is drafted when rows are cheap
+    assert spent_oracle <= spent_cheap
