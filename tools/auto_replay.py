@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from typing import Callable
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def record(args) -> None:
         json.dump({"model": args.model, "max_new_tokens": args.n, "turns": turns}, f)
 
 
-def load(args) -> tuple[dict, "callable"]:
+def load(args) -> tuple[dict, Callable[[int], bool]]:
     """The recording and continues(token) from the recorded model's vocabulary."""
     rec = json.load(open(args.recording))
     model = Model(resolve_model(args.model or rec["model"]))

@@ -22,8 +22,9 @@ and halving after a rejected first token, so a text whose long matches do not co
 answer paraphrasing its passages) loses a 5-row pass, not an 11-row one, before the estimate
 learns. The overheads (Python time of a tree step vs a plain step) are tracked online as fractions
 of a plain step, and so is s, the measured extra model time of this request's tree steps over the
-profile's prediction: the profile is taken at 256 cached tokens, and with a long prompt (RAG,
-summarization) attention makes every extra row dearer than that.
+profile's prediction: the machine's state moves the curve (the F32 twin's 2-row cost measured
+1.16 to 1.62 plain steps from one process to the next), far more than the context does (the
+default model's 2-row cost: 2.12 at 256 cached tokens, 2.02 at 1280, 2.05 at 2048; one run).
 
 Probing masks need a row each on every pass; auto turns them on only when the profile says the
 paper's acceptance could pay for them (never on the CPUs measured so far) and reports why not.
@@ -151,14 +152,14 @@ class Auto(Strategy):
         lk.history.append(pending)
         room = session.room - 1
         match, drafts = lk.find(min(self.max_draft, room), longest=LONGEST)
-        d = 0
+        d, continues = 0, None
         if self.profile is not None and drafts:
             piece = session.model.piece  # the policy looks at most `cap` tokens ahead
             continues = [continues_word(piece(t)) for t in drafts[:self.policy.cap]]
             d = self.policy.choose(match, len(drafts), continues, lk.support)
         if d == 0:
             out = [sampler(session.decode([pending])[-1])]
-            if drafts and self.profile is not None:
+            if continues is not None:  # a draft was at hand: the step tested its first token
                 self.policy.learn(match, drafts[:1], out, continues, lk.support, verified=False)
         else:
             tree = TokenTree()
