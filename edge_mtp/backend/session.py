@@ -27,7 +27,7 @@ class Session:
     Lossless speculation needs every row of a verification batch to compute exactly what the same
     token computes when decoded alone. On CPU two defaults make that hold (docs/exactness.md):
     flash attention on (without it rows differ by up to ~0.7 in logits on the default model) and
-    exact rows on (patches P4, P5: every row of every batch takes the one-row kernels; without it
+    exact rows on (patches P4-P6: every row of every batch sums as the one-row kernels do; without it
     one-row decodes past 512 cached tokens split the KV across threads, batches of 64+ rows use a
     tiled attention kernel, and matmuls of 2+ rows go through llamafile's sgemm (F32, F16, BF16,
     Q8_0, Q4_0, Q5_0), repacked-weight gemm (Q4_0, Q4_K, IQ4_NL) or tiled K-quant kernels, each
