@@ -60,6 +60,15 @@ def test_tok_embd_rows_rejects_out_of_range_ids(engine):
         engine.model.tok_embd_rows([-1])
 
 
+def test_out_of_range_token_ids_are_refused_not_fatal(engine):
+    """llama.cpp's token_to_piece aborts the process on an id outside the vocabulary."""
+    model = engine.model
+    for bad in (model.n_vocab, -1):
+        with pytest.raises(RequestError, match="out of range"):
+            model.detokenize([1, bad])
+    assert model.detokenize([model.n_vocab - 1]) == model.piece(model.n_vocab - 1).decode("utf-8", "replace")
+
+
 def test_prefix_reuse_matches_a_fresh_session(model_path):
     """A second prompt sharing a prefix re-uses cached KV cells and still gives identical logits."""
     model = Model(model_path)

@@ -1,4 +1,4 @@
-"""Exact rows (native patches P4, P5): every row of a batch (n = 2..64) computes bit for bit what
+"""Exact rows (native patches P4-P6): every row of a batch (n = 2..64) computes bit for bit what
 the same token computes decoded alone, for the default model (Q4_1), its F32 variant (llamafile
 sgemm without P5) and Gemma 3 270M Q4_K_M (repacked K-quant weights), flash attention on and off;
 one-row decoding is the same with the mode on or off; and so speculation on the F32 variant and

@@ -116,6 +116,8 @@ class Model:
         """The bytes a token stands for (special tokens render as nothing, as in llama-cpp-python)."""
         p = self._pieces.get(token)
         if p is None:
+            if not 0 <= token < self.n_vocab:  # llama.cpp would abort the process (std::out_of_range)
+                raise RequestError(f"token id {token} is out of range (vocabulary of {self.n_vocab})")
             buf = ctypes.create_string_buffer(64)
             n = self._ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             if n < 0:
