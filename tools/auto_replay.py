@@ -37,27 +37,20 @@ from edge_mtp.strategies.auto import MAX_DRAFT, DraftPolicy, cost_table
 from edge_mtp.strategies.lookup import BUCKET_START, LONGEST, Lookup, MatchAcceptance, bucket, continues_word
 
 
-def top_probability(logits: np.ndarray) -> float:
-    """The softmax probability of the argmax: how sure the model was."""
-    return float(1.0 / np.exp(logits - logits.max()).sum())
-
-
-def greedy(engine: Engine, prompt: list[int], n: int) -> tuple[list[int], list[float], bool]:
-    """Plain greedy decoding: (tokens, the probability the model gave each, ended by EOS)."""
+def greedy(engine: Engine, prompt: list[int], n: int) -> tuple[list[int], bool]:
+    """Plain greedy decoding: (tokens, ended by EOS)."""
     session = engine.session
     session.clear()
     logits = session.prefill(prompt)
     tokens: list[int] = []
-    confidence: list[float] = []
     while len(tokens) < n and len(prompt) + len(tokens) < session.n_ctx:
         tok = int(np.argmax(logits))
         if engine.model.is_eog(tok):
-            return tokens, confidence, True
+            return tokens, True
         tokens.append(tok)
-        confidence.append(top_probability(logits))
         if len(tokens) < n:
             logits = session.decode([tok])[-1]
-    return tokens, confidence, False
+    return tokens, False
 
 
 def record(args) -> None:
@@ -69,9 +62,9 @@ def record(args) -> None:
         for turn in q["turns"]:
             history.append({"role": "user", "content": turn})
             prompt = engine.model.chat_tokens(history)
-            answer, confidence, eos = greedy(engine, prompt, args.n)
+            answer, eos = greedy(engine, prompt, args.n)
             turns.append({"subtask": subtask_of(q), "question_id": q["question_id"],
-                          "prompt": prompt, "answer": answer, "confidence": confidence, "eos": eos})
+                          "prompt": prompt, "answer": answer, "eos": eos})
             history.append({"role": "assistant", "content": engine.detokenize(answer)})
         print(f"\r{i + 1}/{len(questions)} questions", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
