@@ -207,8 +207,17 @@ def models():
               help="CPU threads (default: all cores, at most 8)")
 @click.option("-c", "--ctx-size", "n_ctx", default=4096, show_default=True, type=int,
               help="context size in tokens")
+@click.option("--temp", "temperature", default=0.0, show_default=True, type=float,
+              help="temperature (0 = greedy, token equality checked; > 0: sampled, the same seed "
+                   "per turn for every strategy, equality distribution-level)")
+@click.option("-s", "--seed", default=None, type=int,
+              help="base RNG seed of a sampled run (turn k gets seed + k; default: random, recorded)")
+@click.option("--peer", default=None,
+              help="also measure stock llama.cpp's server on the same turns: llama-server or "
+                   "llama-server:TYPE[,TYPE...] (spec types, e.g. ngram-mod,ngram-simple); built "
+                   "once from the pinned source and cached")
 @clean_errors
-def bench(model, data, strategies, max_tokens, limit, out, n_threads, n_ctx):
+def bench(model, data, strategies, max_tokens, limit, out, n_threads, n_ctx, temperature, seed, peer):
     """Compare strategies on a benchmark, interleaved per turn: MAT, tokens/s, speedup vs plain and
     token equality with plain, per subtask; writes results.json, results.md and speedup.png."""
     import re
@@ -223,13 +232,30 @@ def bench(model, data, strategies, max_tokens, limit, out, n_threads, n_ctx):
     specs = benchmark.parse_strategies(strategies)
     if max_tokens < 1:
         raise RequestError(f"-n must be at least 1, got {max_tokens}")
+    if temperature < 0:
+        raise RequestError(f"--temp must be >= 0, got {temperature}")
+    peer_names = []
+    if peer:
+        from . import peer as peers_mod
+
+        peer_names = peers_mod.parse_peer(peer)
     questions = benchmark.load_questions(data, limit)
     engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads)
     command = shlex.join(["edge-mtp", *sys.argv[1:]])
-    results = benchmark.bench(engine, questions, specs, max_tokens, command)
     if out is None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", engine.model_name)
         out = Path("bench-results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    servers = {}
+    try:
+        if peer_names:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            servers = peers_mod.start_servers(peer_names, engine.model_path, engine.n_ctx,
+                                              engine.session.n_threads, log_dir=Path(out))
+        results = benchmark.bench(engine, questions, specs, max_tokens, command,
+                                  temperature=temperature, seed=seed, peers=servers)
+    finally:
+        if servers:
+            peers_mod.stop_servers(servers)
     paths = benchmark.write_report(results, out)
     click.echo(benchmark.markdown_table(results["overall"]))
     click.echo(f"results: {', '.join(str(p) for p in paths)}")

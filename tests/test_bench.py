@@ -111,3 +111,175 @@ def test_bench_bad_arguments_one_line(tmp_path, case):
     assert {"missing data": "nope.jsonl", "bad json": "bad.jsonl:2", "unknown strategy": "'warp'",
             "duplicate strategy": "lookup"}[case] in err
     assert "no-such-model" not in err
+
+
+# -- sampled decoding ----------------------------------------------------------------------------
+class PlainTwin(Plain):
+    """Plain under another name: with the same seed per turn it must sample plain's very tokens."""
+
+    name = "plain-twin"
+
+
+def test_sampled_bench_gives_every_strategy_the_turns_seed(model_path, monkeypatch):
+    monkeypatch.setitem(STRATEGIES, "plain-twin", PlainTwin)
+    with Engine(str(model_path), n_ctx=1024, n_threads=1) as engine:
+        res = bench.bench(engine, QUESTIONS[:1], ["plain", "plain-twin", "lookup:4"], 24,
+                          progress=False, temperature=0.8, seed=11)
+        # the seed is what decides: other seeds sample other text for the first turn
+        msgs = QUESTIONS[0]["turns"][:1]
+        texts = {engine.chat([{"role": "user", "content": msgs[0]}], max_tokens=24,
+                             strategy="plain", **bench.sampling_for(0.8, seed, 0))["text"]
+                 for seed in (11, 12, 13)}
+    assert len(texts) > 1
+    assert res["temperature"] == 0.8 and res["seed"] == 11 and res["equality"] == "distribution-level"
+    assert res["overall"]["plain-twin"]["mismatches"] == 0  # same seed, same sampler: same tokens
+    for rows in [*res["subtasks"].values(), res["overall"]]:
+        for row in rows.values():
+            assert row["identical_to_plain"] is None and row["equality"] == "distribution-level"
+    md = bench.markdown(res)
+    assert "sampled at temperature 0.8 (seed 11)" in md and "| lookup:4 |" in md
+    assert "distribution-level" in md and "| yes |" not in md
+
+
+def test_sampled_bench_cli_records_temp_and_seed(tmp_path, model_path):
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[2:3])
+    out = tmp_path / "out"
+    r = run_cli("-m", str(model_path), "--data", str(data), "--strategies", "plain,lookup:4",
+                "-n", "8", "--out", str(out), "-t", "1", "--temp", "0.8", "--seed", "5")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert (res["temperature"], res["seed"], res["equality"]) == (0.8, 5, "distribution-level")
+    greedy = bench.sampling_for(0.0, 5, 3)
+    assert greedy == {"temperature": 0.0}  # greedy runs keep the token check
+    assert bench.sampling_for(0.8, 5, 3)["seed"] == 8
+
+
+# -- a model without a chat template -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def no_template_model(tmp_path_factory, model_path):
+    from conftest import load_tool
+
+    tiny = load_tool("tiny_model")
+    return tiny.write_tiny_model(tmp_path_factory.mktemp("base") / "tiny-base.gguf", model_path,
+                                 "llama", chat_template=False)
+
+
+class RecordingPeer:
+    """Stands in for a llama-server process (not for llama.cpp: edge-mtp decodes on the real
+    model): records the prompt tokens it is sent, answers with fixed timings."""
+
+    command = ["llama-server", "-m", "model.gguf"]
+
+    def __init__(self, predicted_n=9, predicted_ms=80.0, draft_n=0, accepted=0):
+        self.prompts, self.calls = [], []
+        self.timings = {"prompt_n": 5, "prompt_ms": 4.0, "predicted_n": predicted_n,
+                        "predicted_ms": predicted_ms}
+        if draft_n:
+            self.timings.update(draft_n=draft_n, draft_n_accepted=accepted)
+
+    def complete(self, tokens, max_tokens, **sampling):
+        self.prompts.append(list(tokens))
+        self.calls.append((max_tokens, sampling))
+        return {"timings": dict(self.timings), "tokens": []}
+
+
+def test_a_model_without_chat_template_is_benched_on_raw_prompts(no_template_model):
+    with Engine(str(no_template_model), n_ctx=512, n_threads=1) as engine:
+        assert not bench.has_chat_template(engine)
+        with pytest.raises(Exception, match="no chat template"):
+            engine.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+        peer = RecordingPeer()
+        res = bench.bench(engine, QUESTIONS[:1], ["plain", "lookup:4"], 6, progress=False,
+                          peers={"llama-server": peer})
+        first, second = QUESTIONS[0]["turns"]
+        assert peer.prompts[0] == engine.tokenize(first)  # the warm-up
+        assert peer.prompts[1] == engine.tokenize(first)
+        assert engine.detokenize(peer.prompts[2]).startswith(first + "\n\n")
+        assert engine.detokenize(peer.prompts[2]).endswith("\n\n" + second)
+    assert res["chat_template"] is False and res["overall"]["lookup:4"]["identical_to_plain"]
+    assert res["overall"]["plain"]["turns"] == 2
+    assert "no chat template: raw prompts" in bench.markdown(res)
+
+
+# -- the peer's rows -------------------------------------------------------------------------------
+def test_peer_rows_merge_into_the_results(model_path, tmp_path):
+    plain_peer = RecordingPeer(predicted_n=9, predicted_ms=80.0)
+    mod_peer = RecordingPeer(predicted_n=9, predicted_ms=40.0, draft_n=10, accepted=4)
+    peers = {"llama-server": plain_peer, "llama-server:ngram-mod": mod_peer}
+    with Engine(str(model_path), n_ctx=1024, n_threads=1) as engine:
+        res = bench.bench(engine, QUESTIONS[2:4], ["plain", "lookup:4"], 8, progress=False,
+                          peers=peers)
+    names = ["plain", "lookup:4", "llama-server", "llama-server:ngram-mod"]
+    assert res["strategies"] == names and list(res["peers"]) == names[2:]
+    assert res["peers"]["llama-server"] == RecordingPeer.command
+    assert plain_peer.calls[1:] == [(8, {"temperature": 0.0})] * 2  # same max tokens, greedy
+    row, ref = res["overall"]["llama-server:ngram-mod"], res["overall"]["plain"]
+    assert row["peer"] and row["turns"] == 2 and row["tokens"] == 18
+    assert row["tokens_per_second"] == pytest.approx(2 * 8 / 0.08)
+    assert (row["drafted"], row["accepted"], row["acceptance"]) == (20, 8, 0.4)
+    assert row["mat"] == pytest.approx(18 / (2 + 16 - 8), abs=1e-4)  # passes saved by accepted drafts
+    assert row["speedup"] == pytest.approx(row["tokens_per_second"] / ref["tokens_per_second"], rel=1e-3)
+    assert row["identical_to_plain"] is False  # the fake returned no tokens
+    vs = res["plain_vs_llama_server"]
+    assert set(vs) == {"qa", "overall"}
+    assert vs["overall"] == pytest.approx(ref["tokens_per_second"] / (2 * 8 / 0.16), rel=1e-3)
+    md = bench.markdown(res)
+    assert "| llama-server:ngram-mod |" in md and "20 / 8" in md
+    assert "edge-mtp plain / llama-server plain" in md and f"{vs['overall']:.2f}x |" in md
+    paths = bench.write_report(res, tmp_path / "out")
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("text, want", [
+    ("llama-server", ["llama-server"]),
+    ("llama-server:ngram-mod,ngram-simple",
+     ["llama-server", "llama-server:ngram-mod", "llama-server:ngram-simple"]),
+])
+def test_parse_peer(text, want):
+    from edge_mtp.peer import parse_peer
+
+    assert parse_peer(text) == want
+
+
+@pytest.mark.parametrize("case", ["vllm", "llama-server:warp", "llama-server:ngram-mod,ngram-mod"])
+def test_bad_peer_is_one_line_before_any_model_work(tmp_path, case):
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    r = run_cli("-m", "no-such-model", "--data", str(data), "--peer", case, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr.strip()
+    assert err.startswith("edge-mtp: error:") and "\n" not in err and "no-such-model" not in err
+
+
+def test_peer_builds_from_the_backends_pinned_source():
+    from conftest import load_tool  # noqa: F401  (tools/ and native/ are scripts)
+    import importlib.util
+    from pathlib import Path
+
+    from edge_mtp import peer
+
+    path = Path(__file__).resolve().parents[1] / "native" / "build.py"
+    spec = importlib.util.spec_from_file_location("edge_mtp_native_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert (peer.SDIST, peer.SDIST_SHA256, peer.SDIST_VERSION) == (build.SDIST, build.SDIST_SHA256,
+                                                                    build.VERSION)
+
+
+def test_real_peer_when_built(model_path, tmp_path):
+    """Stock llama-server on the default model, when a build is cached (never built here: the
+    build takes minutes; `edge-mtp bench --peer llama-server` makes it)."""
+    from edge_mtp import peer
+
+    if not peer.cached_binary().is_file():
+        pytest.skip("no cached llama-server build")
+    with Engine(str(model_path), n_ctx=1024, n_threads=1) as engine:
+        servers = peer.start_servers(["llama-server", "llama-server:ngram-mod"], engine.model_path,
+                                     engine.n_ctx, 1, log_dir=tmp_path)
+        try:
+            res = bench.bench(engine, QUESTIONS[2:3], ["plain"], 16, progress=False, peers=servers)
+        finally:
+            peer.stop_servers(servers)
+    row = res["overall"]["llama-server"]
+    assert row["tokens"] > 0 and row["tokens_per_second"] > 0
+    assert row["identical_to_plain"]  # stock greedy decoding gives edge-mtp plain's tokens
+    assert res["overall"]["llama-server:ngram-mod"]["tokens"] > 0

@@ -39,8 +39,10 @@ def copy_field(writer: gguf.GGUFWriter, field: gguf.ReaderField) -> None:
 def write_tiny_model(out: Path, vocab_from: Path, arch: str = "qwen3", n_layer: int = 4,
                      n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128,
                      seed: int = 0, extra_kv: dict | None = None,
-                     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q4_1) -> Path:
-    """Write the model and return its path. extra_kv: more metadata ({key: int | str})."""
+                     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q4_1,
+                     chat_template: bool = True) -> Path:
+    """Write the model and return its path. extra_kv: more metadata ({key: int | str});
+    chat_template False: leave the source's chat template out (like a base model)."""
     if arch not in ARCHS:
         raise ValueError(f"unsupported tiny-model architecture {arch!r}")
     src = gguf.GGUFReader(str(vocab_from))
@@ -72,13 +74,13 @@ def write_tiny_model(out: Path, vocab_from: Path, arch: str = "qwen3", n_layer: 
     w.add_rope_freq_base(10000.0)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    if arch == "llama":
+    if arch in ("llama", "mistral3"):
         w.add_rope_dimension_count(head_dim)
         w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if qtype == gguf.GGMLQuantizationType.Q4_1
                     else gguf.LlamaFileType.ALL_F32)
     for key in TOKENIZER_KEYS:
-        if key in src.fields:
+        if key in src.fields and (chat_template or key != "tokenizer.chat_template"):
             copy_field(w, src.fields[key])
     for key, value in (extra_kv or {}).items():
         (w.add_uint32 if isinstance(value, int) else w.add_string)(key, value)
