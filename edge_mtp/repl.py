@@ -90,5 +90,5 @@ def footer(result: dict) -> str:
     return (f"[{result['usage']['completion_tokens']} tokens · {t['tokens_per_second']:.1f} tok/s · "
             f"prompt {result['usage']['prompt_tokens']} tok in {t['prompt_ms']:.0f} ms · "
             f"{s['mean_accepted_tokens_per_step']:.2f} tok/step · {s['strategy']} · "
-            f"finish {result['choices'][0]['finish_reason']}]"
+            f"finish {result['choices'][0]['finish_reason'] or 'none (stopped)'}]"
             + (f"\n[auto: {s['decision']}]" if "decision" in s else ""))

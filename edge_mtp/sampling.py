@@ -3,6 +3,10 @@
 The filters run in llama.cpp's default order (top-k, top-p, min-p on the untempered distribution,
 then temperature), and `distribution` exposes the exact probabilities that `sample` draws from, so
 speculative verifiers can reason about the same distribution that plain sampling uses.
+
+Every emitted token is chosen here or by the verifier from one logits row; both report it to
+`Sampler.note`, so log-probabilities (OpenAI's `logprobs`) come from the very row each token was
+chosen from, whatever the strategy: with exact rows they are the same numbers for every strategy.
 """
 from __future__ import annotations
 
@@ -38,18 +42,55 @@ class SamplingParams:
         return self.temperature == 0
 
 
-class Sampler:
-    """Draws tokens for one request; greedy when temperature is 0."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model (log-softmax of its raw logits row, as
+    llama-server and llama-cpp-python report it) and the `top` best alternatives, best first."""
 
-    def __init__(self, params: SamplingParams):
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+class Sampler:
+    """Draws tokens for one request; greedy when temperature is 0. With top_logprobs (0..20) it
+    records a TokenLogprob per chosen token in `chosen`, in the order the tokens are emitted."""
+
+    def __init__(self, params: SamplingParams, top_logprobs: int | None = None):
+        if top_logprobs is not None and not (isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
+                                             and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
+            raise RequestError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.top_logprobs = top_logprobs
+        self.chosen: list[TokenLogprob] = []
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.params.greedy:
-            return int(np.argmax(logits))
-        ids, probs = self.distribution(logits)
-        return int(ids[self.rng.choice(len(ids), p=probs)])
+            token = int(np.argmax(logits))
+        else:
+            ids, probs = self.distribution(logits)
+            token = int(ids[self.rng.choice(len(ids), p=probs)])
+        self.note(logits, token)
+        return token
+
+    def note(self, logits: np.ndarray, token: int) -> None:
+        """`token` was chosen from this logits row (by __call__ or the verifier): record its
+        log-probability when they are asked for."""
+        if self.top_logprobs is None:
+            return
+        top = float(logits.max())
+        log_z = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+        alts: tuple = ()
+        if self.top_logprobs:
+            k = self.top_logprobs
+            ids = np.argpartition(logits, -k)[-k:]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            alts = tuple((int(i), float(logits[i]) - log_z) for i in ids)
+        self.chosen.append(TokenLogprob(token, float(logits[token]) - log_z, alts))
 
     def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidate ids and their probabilities (summing to 1) after all filters."""

@@ -41,6 +41,7 @@ def verify(tree: TokenTree, logits: np.ndarray, row_of: np.ndarray, sampler: Sam
             nxt = next((c for c in kids if tree.tokens[c] == choice), None)
         else:
             choice, nxt = _sample_against(sampler, row_logits, [(c, tree.tokens[c]) for c in kids])
+        sampler.note(row_logits, choice)  # the accepted child's token or the bonus: emitted next
         if nxt is None:
             out.append(choice)
             return Verdict(path, out, node)

@@ -24,7 +24,7 @@ def stock(model_path):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_equals_stock_llama_cpp_python(engine, stock, prompt):
     ids = stock.tokenize(prompt.encode(), special=True)
-    assert ids == engine.tokenize(prompt)
+    assert ids == engine.tokenize(prompt, special=True)
     stock.reset()
     expected = []
     for tok in stock.generate(ids, temp=0.0, reset=True):

@@ -109,7 +109,7 @@ def test_chat_repl_ctrl_c_stops_the_answer_and_keeps_the_conversation(model_path
     child.expect(r"\w+ \w+ \w+")  # the answer is streaming
     child.sendintr()
     child.expect(r"\[stopped\]")
-    child.expect("finish cancelled")
+    child.expect(r"finish none \(stopped\)")
     child.expect(">>> ")
     with_history = ask_prompt_tokens(child, "Say hi.")
     child.sendline("/clear")

@@ -6,6 +6,7 @@ import pytest
 from edge_mtp import Engine, RequestError
 
 PROMPT = "List three facts about the Moon."
+CHAT_MSGS = [{"role": "user", "content": "Name three planets."}]
 
 
 def test_result_dict_shape(engine, greedy):
@@ -35,7 +36,7 @@ def test_chat_uses_the_gguf_chat_template(engine, greedy):
     expected = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     toks = engine.model.chat_tokens(msgs)
     # the template may add a default system message; the user turn and the open assistant turn end it
-    assert toks[-len(engine.tokenize(expected)):] == engine.tokenize(expected)
+    assert toks[-len(engine.tokenize(expected, special=True)):] == engine.tokenize(expected, special=True)
     r = engine.chat(msgs, max_tokens=24, **greedy)
     assert r["object"] == "chat.completion"
     assert r["choices"][0]["message"]["role"] == "assistant"
@@ -111,7 +112,7 @@ def test_abandoned_stream_leaves_the_engine_consistent(engine, greedy):
     s = engine.stream("Once upon a time, in a small village by the sea,", 100, **greedy)
     next(s), next(s)
     s.close()
-    assert s.result["choices"][0]["finish_reason"] == "cancelled"
+    assert s.result["choices"][0]["finish_reason"] is None  # did not finish (OpenAI has no "cancelled")
     assert engine.generate(PROMPT, 32, **greedy)["tokens"] == expected
 
 
@@ -138,3 +139,82 @@ def test_import_is_light():
             "bad = [m for m in ('click', 'llama_cpp', 'numpy') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+REPEATS = ("The list: apple, banana, cherry, grape, lemon, mango. Again: apple, banana, cherry, "
+           "grape, lemon, mango. Again: apple,")
+
+
+@pytest.mark.parametrize("strategy", ["probe:10", "lookup", "hybrid", "lookahead", "auto"])
+def test_logprobs_are_the_same_for_every_strategy(engine, strategy):
+    """Each token's log-probabilities come from the row it was chosen from: a verified tree row
+    for drafted tokens, bit-identical to plain's row under exact rows."""
+    ref = engine.create_completion(REPEATS, 32, temperature=0, logprobs=3, strategy="plain")
+    r = engine.create_completion(REPEATS, 32, temperature=0, logprobs=3, strategy=strategy)
+    assert r["tokens"] == ref["tokens"]
+    assert r["choices"][0]["logprobs"] == ref["choices"][0]["logprobs"]
+    if strategy != "auto":  # auto drafts only where this machine's curve says it pays
+        assert r["speculation"]["accepted"] > 0
+
+
+def test_completion_logprobs_shape(engine):
+    r = engine.create_completion(PROMPT, 12, temperature=0, logprobs=2)
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 12
+    assert "".join(lp["tokens"]) == r["text"]
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(12)]
+    for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert value <= 0 and len(top) <= 2 and max(top.values()) == value and top[tok] == value  # greedy
+    assert engine.create_completion(PROMPT, 4, temperature=0)["choices"][0]["logprobs"] is None
+
+
+def test_chat_stream_chunks_match_the_full_answer(engine):
+    full = engine.create_chat_completion(CHAT_MSGS, max_tokens=24, temperature=0, logprobs=True, top_logprobs=1)
+    chunks = list(engine.create_chat_completion(CHAT_MSGS, max_tokens=24, temperature=0, logprobs=True,
+                                                top_logprobs=1, stream=True))
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == full["text"]
+    content = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    assert content == full["choices"][0]["logprobs"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == full["choices"][0]["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["usage"] == full["usage"]
+
+
+def test_closing_a_chunk_stream_stops_the_request(engine, greedy):
+    expected = engine.generate(PROMPT, 32, **greedy)["tokens"]
+    chunks = engine.create_completion(PROMPT, 200, stream=True, **greedy)
+    next(chunks), next(chunks)
+    chunks.close()
+    assert engine.generate(PROMPT, 32, **greedy)["tokens"] == expected
+
+
+@pytest.mark.parametrize("bad", [{"logprobs": 21}, {"logprobs": -1}, {"logprobs": True}, {"seed": "7"},
+                                 {"stop": "a b".split() + [None]}])
+def test_bad_completion_parameters(engine, bad):
+    with pytest.raises(RequestError):
+        engine.create_completion("Hello", 4, **bad)
+    with pytest.raises(RequestError, match="logprobs"):
+        engine.create_chat_completion(CHAT_MSGS, 4, top_logprobs=2)
+
+
+def test_prompt_as_token_ids(engine, greedy):
+    ids = engine.tokenize(PROMPT)
+    assert engine.create_completion(ids, 8, **greedy)["tokens"] == engine.generate(PROMPT, 8, **greedy)["tokens"]
+    with pytest.raises(RequestError, match="token ids"):
+        engine.create_completion([engine.model.n_vocab + 5], 4)
+
+
+def test_tokenize_defaults_follow_llama_cpp_python(engine):
+    text = "<|im_start|>user"
+    plain, special = engine.tokenize(text), engine.tokenize(text, special=True)
+    assert len(special) < len(plain)  # the marker is one special token only when asked for
+    assert engine.tokenize("hi", add_bos=False) == engine.model.tokenize("hi", add_bos=False, special=False)
+
+
+def test_n_batch_reaches_the_backend(model_path, greedy):
+    with Engine(str(model_path), n_ctx=256, n_threads=2, strategy="plain", n_batch=64, n_gpu_layers=0) as e:
+        assert e.session.n_batch == 64
+        r = e.generate("word " * 150, max_tokens=4, **greedy)  # a prompt of several batches
+        assert r["usage"]["prompt_tokens"] > 128 and len(r["tokens"]) == 4

@@ -23,7 +23,7 @@ def test_greedy_equals_stock_llama_cpp_python(gemma):
                   verbose=False)
     prompt = "The capital of France is"
     ids = stock.tokenize(prompt.encode(), special=True)
-    assert ids == gemma.tokenize(prompt)
+    assert ids == gemma.tokenize(prompt, special=True)
     expected = []
     for tok in stock.generate(ids, temp=0.0, reset=True):
         if gemma.model.is_eog(tok) or len(expected) == 24:

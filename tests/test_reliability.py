@@ -160,7 +160,7 @@ def test_ctrl_c_inside_a_speculative_step_leaves_the_cache_consistent(engine, mo
     with pytest.raises(KeyboardInterrupt):
         for _ in stream:
             pass
-    assert calls["n"] >= 3 and stream.result["choices"][0]["finish_reason"] == "cancelled"
+    assert calls["n"] >= 3 and stream.result["choices"][0]["finish_reason"] is None
     monkeypatch.undo()
     assert engine.generate(PROMPT, 40, temperature=0, strategy=strategy)["tokens"] == expected
     assert engine.generate(PROMPT, 40, temperature=0, strategy="plain")["tokens"] == expected
