@@ -313,5 +313,31 @@ def inspect(file, as_json):
                f"chat template  {'yes' if info['chat_template'] else 'no'}")
 
 
+@main.command()
+@engine_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind (0.0.0.0 exposes the server to the network)")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key", default=None, envvar="EDGE_MTP_API_KEY",
+              help="require 'Authorization: Bearer KEY' on /v1 (or set EDGE_MTP_API_KEY)")
+@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0),
+              help="requests that may wait while one runs; more get 503")
+@click.option("--alias", default=None, help="model id the server reports [default: the model's name]")
+@clean_errors
+def serve(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows, verbose_backend,
+          host, port, api_key, max_queue, alias):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health); needs the `server` extra."""
+    try:
+        from .server import serve as run_server
+    except ImportError as e:
+        raise EdgeMTPError(f"the server needs its extra: pip install 'edge-mtp[server]' ({e})") from None
+    engine = make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+                         verbose_backend)
+    click.echo(f"edge-mtp: serving {alias or engine.model_name} ({strategy}) on "
+               f"http://{host}:{port}/v1", err=True)
+    run_server(engine, host=host, port=port, api_key=api_key, max_queue=max_queue, model_id=alias)
+
+
 if __name__ == "__main__":
     main()
