@@ -1,6 +1,6 @@
 """DMTD metadata in GGUF files: the dmtd.* keys, read, validated and written in one place.
 
-A DMTD model is an ordinary llama/qwen3 GGUF whose layers split into encoding (first E),
+A DMTD model is an ordinary llama/qwen2/qwen3 GGUF whose layers split into encoding (first E),
 thinking (middle T) and decoding (last D) groups, trained with cycle length C (docs/dmtd.md).
 llama.cpp ignores these keys; edge-mtp reads them with its header scan (gguf_file.py), which keeps
 each key's type.

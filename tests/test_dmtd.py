@@ -99,7 +99,7 @@ def test_dmtd_fields_of_a_hugging_face_config():
 
 
 # -- the strategy against the reference ---------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2"])
 def test_greedy_tokens_equal_the_numpy_reference(arch, tiny_dmtd, reference):
     """64 greedy tokens for tau = 2, 4 (E0 T2 D2) and tau = 3 with an encoding layer (E1 T2 D1);
     the converter test below runs tau = 1..4 on converted checkpoints.

@@ -1,7 +1,8 @@
 """Native patches P1-P3 on real models: embedding rows, token trees with commit, layer ranges.
 
 Every check compares against plain sequential decoding of the same tokens on the same model, on
-the default SmolLM2 (llama) and on a tiny random-weight qwen3 model written by tools/tiny_model.py.
+the default SmolLM2 (llama) and on tiny random-weight qwen3 and qwen2 models written by
+tools/tiny_model.py.
 """
 import os
 import subprocess
@@ -18,9 +19,9 @@ PARENTS = np.array([-1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 8, 9], dtype=np.int3
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
-@pytest.fixture(scope="module", params=["smollm2", "tiny-qwen3"])
+@pytest.fixture(scope="module", params=["smollm2", "tiny-qwen3", "tiny-qwen2"])
 def model(request, model_path, tiny_model_path):
-    m = Model(model_path if request.param == "smollm2" else tiny_model_path("qwen3"))
+    m = Model(model_path if request.param == "smollm2" else tiny_model_path(request.param[5:]))
     yield m
     m.close()
 
@@ -179,8 +180,8 @@ def test_hidden_state_outside_the_range_is_refused(model):
 
 
 def test_unsupported_architecture_refuses_a_layer_range(tiny_model_path):
-    """qwen2's graph builder has no range support: a clear error, never wrong output."""
-    s = Session(Model(tiny_model_path("qwen2")), n_ctx=128, n_threads=2)
+    """mistral3's graph builder has no range support: a clear error, never wrong output."""
+    s = Session(Model(tiny_model_path("mistral3")), n_ctx=128, n_threads=2)
     with pytest.raises(RequestError, match="does not support layer ranges"):
         s.set_layers(0, 2)
     s.set_layers(0)  # the full range is every builder's own graph

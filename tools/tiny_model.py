@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a tiny random-weight GGUF (qwen3, llama or qwen2 architecture) for exactness tests.
+"""Write a tiny random-weight GGUF (qwen3, llama, qwen2 or mistral3 architecture) for tests.
 
 The vocabulary and tokenizer are copied from a real GGUF (the default SmolLM2 model), so the tiny
 model tokenizes text like a real one; the weights are seeded random numbers, so its text is noise
@@ -17,7 +17,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-ARCHS = ("qwen3", "llama", "qwen2")  # qwen2: a graph builder without layer-range support
+ARCHS = ("qwen3", "llama", "qwen2", "mistral3")  # mistral3: llama's tensors, a graph builder
+# without layer-range support (native patch P3 covers llama, qwen2 and qwen3)
 
 # tokenizer keys copied verbatim from the source model
 TOKENIZER_KEYS = [
