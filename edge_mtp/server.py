@@ -288,13 +288,13 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
 
     async def parse(request: Request, kind: type[Common]) -> Common:
         state.check_key(request)
-        raw = b""
+        raw = bytearray()
         async for part in request.stream():  # a chunked body has no length to check up front
             raw += part
             if len(raw) > state.max_body:
                 raise too_large(state.max_body)
         try:
-            data = json.loads(raw)
+            data = json.loads(bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
@@ -303,7 +303,7 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
             body = kind.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or p) or None
+            field = ".".join(str(p) for p in err["loc"]) or None
             raise HTTPError(400, f"{field}: {err['msg']}" if field else err["msg"], param=field) from None
         if body.model is not None and body.model not in state.aliases:
             raise HTTPError(404, f"model {body.model!r} is not served here (this server has "
@@ -353,12 +353,14 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
 
     async def wait_or_leave(request: Request, job: Job):
         """The job's next item; a client that disconnects meanwhile cancels it."""
-        while True:
-            try:
-                return await asyncio.wait_for(job.out.get(), timeout=0.25)
-            except asyncio.TimeoutError:
+        getter = asyncio.ensure_future(job.out.get())
+        try:
+            while not (await asyncio.wait({getter}, timeout=0.25))[0]:
                 if await request.is_disconnected():
                     job.cancel.set()
+            return getter.result()
+        finally:
+            getter.cancel()
 
     async def events(request: Request, job: Job, body: Common):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
