@@ -191,6 +191,15 @@ class Engine:
     def detokenize(self, tokens) -> str:
         return self.model.detokenize(tokens)
 
+    def calibrate(self, rounds: int = 7):
+        """Measure what passes of n rows cost on this device now (edge_mtp.profile), cache it and
+        return it: for an app that wants auto's first request not to wait ~10 s for it. Runs on a
+        scratch context; this engine's KV cache and prompt cache are kept."""
+        from .profile import measure
+
+        with self._lock:
+            return measure(self.session, rounds=rounds)
+
     # -- requests, llama-cpp-python's shape -----------------------------------------------
     def create_completion(self, prompt: str | list[int], max_tokens: int | None = 16, *,
                           temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,

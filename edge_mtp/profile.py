@@ -12,6 +12,7 @@ attention change the kernels, and so the cost).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -105,16 +106,30 @@ def device_info(session: Session) -> dict:
             "flash_attn": session.flash_attn, "model": Path(session.model.path).name}
 
 
+@contextlib.contextmanager
+def scratch(session: Session, n_ctx: int):
+    """A short-lived second context over the session's weights, threads and numeric mode, so a
+    measurement never touches the serving context: its KV cache and the prompt prefix it
+    re-uses survive a calibration inside a request."""
+    s = Session(session.model, n_ctx=n_ctx, n_threads=session.n_threads,
+                flash_attn=session.flash_attn, exact_rows=session.exact_rows)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 def measure(session: Session, rounds: int = 7, late_layers: tuple[int, ...] = (),
             progress=None) -> Profile:
-    """Time the grid on this session (its cache is cleared before and after) and cache the result."""
+    """Time the grid for this session's model and mode (on a scratch context) and cache it."""
+    with scratch(session, CONTEXT + GRID[-1] + 1) as s:
+        return _measure(s, rounds, late_layers, progress)
+
+
+def _measure(session: Session, rounds: int, late_layers: tuple[int, ...], progress) -> Profile:
     model = session.model
-    need = CONTEXT + GRID[-1] + 1
-    if session.n_ctx < need:
-        raise ValueError(f"calibration needs a context of at least {need} tokens")
     rng = np.random.default_rng(0)
     context = rng.integers(100, model.n_vocab, CONTEXT).tolist()
-    session.clear()
     session.prefill(context)
     chains = {n: rng.integers(100, model.n_vocab, n).astype(np.int32) for n in GRID}
     parents = {n: np.arange(-1, n - 1, dtype=np.int32) for n in GRID}
@@ -160,7 +175,6 @@ def measure(session: Session, rounds: int = 7, late_layers: tuple[int, ...] = ()
             ratios.setdefault((fn.__name__, arg), []).append((t + back) / step)
         if progress:
             progress(r + 1, rounds)
-    session.clear()
     # each pass timed against the plain step just before it (slow drifts of the machine cancel),
     # the median over rounds (a stray slow pass moves nothing)
     cost = np.maximum.accumulate([1.0] + [float(np.median(ratios[("rows", n)])) for n in GRID[1:]])
@@ -183,20 +197,19 @@ NOISE_ROWS = 16
 def row_noise(session: Session) -> float:
     """How far a batch row's logits can stray from single-token decoding in this session's mode:
     the max abs difference over a NOISE_ROWS-row batch after 32 tokens of context vs the same
-    tokens one at a time (0 under exact rows). Measured once per model, threads and mode; the
-    session's cache is cleared."""
+    tokens one at a time (0 under exact rows). Measured once per model, threads and mode, on a
+    scratch context."""
     key = profile_key(session)
     if key not in _ROW_NOISE:
         rng = np.random.default_rng(1)
         vocab = session.model.n_vocab
         context = rng.integers(100, vocab, 32).tolist()
         rows = rng.integers(100, vocab, NOISE_ROWS).tolist()
-        session.clear()
-        session.prefill(context)
-        batch = session.decode(rows, all_logits=True).copy()
-        session.truncate(len(context))
-        single = np.stack([session.decode([t])[-1].copy() for t in rows])
-        session.clear()
+        with scratch(session, len(context) + NOISE_ROWS) as s:
+            s.prefill(context)
+            batch = s.decode(rows, all_logits=True).copy()
+            s.truncate(len(context))
+            single = np.stack([s.decode([t])[-1].copy() for t in rows])
         _ROW_NOISE[key] = float(np.abs(batch - single).max())
     return _ROW_NOISE[key]
 

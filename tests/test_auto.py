@@ -171,3 +171,29 @@ def test_replay_tool_follows_plain_decoding_and_prices_drafts_by_the_curve(engin
     _, spent_oracle, _ = replay.replay_turn(turn, cost_table(CHEAP), continues, oracle=True)
     assert spent_cheap < 0.9 * spent_dear  # the repeated list is drafted when rows are cheap
     assert spent_oracle <= spent_cheap
+
+
+def test_calibration_inside_a_request_keeps_the_prompt_cache(model_path, tmp_path, monkeypatch):
+    """The first auto request on a machine measures the device; it does so on a scratch context,
+    so the serving context's cached prompt prefix is still re-used by that very request."""
+    from edge_mtp import Engine
+    from edge_mtp.backend import Session
+
+    monkeypatch.setenv("EDGE_MTP_CACHE", str(tmp_path))  # no profile yet
+    with Engine(str(model_path), n_ctx=1024, n_threads=2) as e:
+        first = e.chat(REPEATING, max_tokens=8, temperature=0, strategy="plain")
+        decoded, real = [], Session.decode
+
+        def counting(self, tokens, *a, **kw):
+            if self is e.session:
+                decoded.append(len(tokens))
+            return real(self, tokens, *a, **kw)
+
+        monkeypatch.setattr(Session, "decode", counting)
+        r = e.chat(REPEATING, max_tokens=8, temperature=0)  # auto: measures, then answers
+        assert list((tmp_path / "profiles").glob("*.json"))  # it did measure, in this request
+        assert decoded[0] == 1  # the prompt pass evaluated only its last token: the prefix was kept
+        assert r["tokens"] == first["tokens"]
+        held = list(e.session.tokens)
+        assert e.calibrate(rounds=1).rows == list(GRID)
+        assert e.session.tokens == held  # Engine.calibrate keeps the cache too
