@@ -169,8 +169,10 @@ class PeerTally:
     mismatches: int = 0      # turns whose tokens differ from edge-mtp plain's
 
     def add(self, response: dict, mismatch: bool) -> None:
+        """predicted_n counts an end-of-generation token, our tokens do not (its pass is timed on
+        both sides): a turn that stopped at EOS counts one token less, as ours."""
         t = response["timings"]
-        n = int(t["predicted_n"])
+        n = int(t["predicted_n"]) - (response.get("stop_type") == "eos")
         self.turns += 1
         self.tokens += n
         self.decode_tokens += max(n - 1, 0)
@@ -223,6 +225,12 @@ class PeerTally:
                                    if ref_e2e else 0.0),
             "peer": True,
         }
+
+
+def peer_tokens(response: dict) -> list[int]:
+    """llama-server's generated tokens without the end-of-generation token it includes."""
+    tokens = list(response.get("tokens") or [])
+    return tokens[:-1] if tokens and response.get("stop_type") == "eos" else tokens
 
 
 def has_chat_template(engine) -> bool:
@@ -289,7 +297,7 @@ def run(engine, questions: list[dict], strategies: list[str], max_new_tokens: in
                     per[spec].add(r, r["tokens"] != ref["tokens"])
                 for name, server in peers.items():
                     r = server.complete(tokens, max_new_tokens, **sampling)
-                    per[name].add(r, list(r.get("tokens") or []) != ref["tokens"])
+                    per[name].add(r, peer_tokens(r) != ref["tokens"])
                 history.append({"role": "assistant", "content": ref["text"]})
                 n_turn += 1
                 bar.update(1)

@@ -283,3 +283,15 @@ def test_real_peer_when_built(model_path, tmp_path):
     assert row["tokens"] > 0 and row["tokens_per_second"] > 0
     assert row["identical_to_plain"]  # stock greedy decoding gives edge-mtp plain's tokens
     assert res["overall"]["llama-server:ngram-mod"]["tokens"] > 0
+
+
+def test_peer_eos_token_is_not_counted():
+    """llama-server's predicted_n and tokens include the EOS it stopped at; ours do not."""
+    eos = {"timings": {"predicted_n": 5, "predicted_ms": 40.0, "prompt_ms": 1.0},
+           "tokens": [7, 8, 9, 10, 2], "stop_type": "eos"}
+    limit = {**eos, "stop_type": "limit"}
+    assert bench.peer_tokens(eos) == [7, 8, 9, 10] and bench.peer_tokens(limit) == eos["tokens"]
+    t = bench.PeerTally()
+    t.add(eos, False)
+    t.add(limit, False)
+    assert (t.tokens, t.decode_tokens) == (9, 7)
