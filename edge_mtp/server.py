@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import json
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -452,5 +453,8 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8080, api_key: st
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # the worker thread takes the GIL back after every decode; while the event loop holds it,
+    # Python's default 5 ms switch interval could stall each token that long
+    sys.setswitchinterval(0.0002)
     app = create_app(engine, model_id, api_key, max_queue)
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
