@@ -89,8 +89,24 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     return questions
 
 
+class Counts:
+    """What a strategy's and the peer's tallies share: summing per-turn tallies, and the rates."""
+
+    def __iadd__(self, other):
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    def end_to_end_tokens_per_second(self) -> float:
+        seconds = self.prompt_s + self.decode_s
+        return self.tokens / seconds if seconds else 0.0
+
+
 @dataclass
-class Tally:
+class Tally(Counts):
     """One strategy's sums over the turns of one subtask."""
 
     turns: int = 0
@@ -114,18 +130,6 @@ class Tally:
         self.decode_s += timing["decode_ms"] / 1e3
         self.model_s += spec["model_ms"] / 1e3
         self.mismatches += mismatch
-
-    def __iadd__(self, other: "Tally") -> "Tally":
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        return self
-
-    def tokens_per_second(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
-
-    def end_to_end_tokens_per_second(self) -> float:
-        seconds = self.prompt_s + self.decode_s
-        return self.tokens / seconds if seconds else 0.0
 
     def summary(self, reference: "Tally", questions: int, equality: str = TOKENS) -> dict:
         orchestration_s = self.decode_s - self.model_s
@@ -156,7 +160,7 @@ class Tally:
 
 
 @dataclass
-class PeerTally:
+class PeerTally(Counts):
     """One llama-server spec type's sums over the turns of one subtask, from its `timings`."""
 
     turns: int = 0
@@ -181,18 +185,6 @@ class PeerTally:
         self.prompt_s += t["prompt_ms"] / 1e3
         self.decode_s += t["predicted_ms"] / 1e3
         self.mismatches += mismatch
-
-    def __iadd__(self, other: "PeerTally") -> "PeerTally":
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        return self
-
-    def tokens_per_second(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
-
-    def end_to_end_tokens_per_second(self) -> float:
-        seconds = self.prompt_s + self.decode_s
-        return self.tokens / seconds if seconds else 0.0
 
     def summary(self, reference: Tally, questions: int, equality: str = TOKENS) -> dict:
         """Fields of a strategy row; MAT is derived (each accepted draft token saved one pass:
