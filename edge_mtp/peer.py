@@ -14,6 +14,7 @@ Stdlib only (subprocess, http.client): no new dependency. The build is not part 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -32,10 +33,19 @@ from .errors import BackendError, RequestError
 from .models import cache_dir
 
 NAME = "llama-server"
-# The pinned source; must equal native/build.py's pin (tests/test_bench.py checks it).
-SDIST_PACKAGE, SDIST_VERSION = "llama-cpp-python", "0.3.36"
-SDIST = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "native" / "build.py"
+
+
+def _backend_build():
+    """native/build.py, the one owner of the pinned sdist (its pin, fetch and checksum)."""
+    spec = importlib.util.spec_from_file_location("edge_mtp_native_build", BUILD_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build = _backend_build()
+SDIST, SDIST_SHA256, SDIST_VERSION = _build.SDIST, _build.SDIST_SHA256, _build.VERSION
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_HTML=OFF", "-DLLAMA_BUILD_APP=OFF", "-DBUILD_SHARED_LIBS=OFF")
 # llama-server's --spec-type values that need nothing but the target model
@@ -80,31 +90,12 @@ def cached_binary() -> Path:
     return cache_dir() / "peer" / build_key() / NAME
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sdist() -> Path:
-    """The pinned sdist from the cache native/build.py fills (fetched with pip when missing)."""
-    target = cache_dir() / "sdist" / SDIST
-    if not target.exists():
-        say(f"fetching {SDIST_PACKAGE}=={SDIST_VERSION} source with pip")
-        with tempfile.TemporaryDirectory() as tmp:
-            res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                                  ":all:", f"{SDIST_PACKAGE}=={SDIST_VERSION}", "-d", tmp],
-                                 capture_output=True, text=True)
-            if res.returncode != 0:
-                raise BackendError(f"could not fetch the llama.cpp source: "
-                                   f"{(res.stderr.strip().splitlines() or ['pip failed'])[-1]}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(Path(tmp) / SDIST), target)
-    if _sha256(target) != SDIST_SHA256:
-        raise BackendError(f"{target.name}: sha256 does not match the pin")
-    return target
+    """The pinned sdist, from the cache native/build.py fills (fetched and checked there)."""
+    try:
+        return _build.fetch_sdist(cache_dir())
+    except _build.BuildError as e:
+        raise BackendError(f"could not fetch the llama.cpp source: {str(e).splitlines()[0]}") from None
 
 
 def ensure_server(jobs: int | None = None) -> Path:
