@@ -147,17 +147,20 @@ def chat(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_row
 @click.option("--late-layers", multiple=True, type=click.IntRange(1),
               help="also time one row through only the last D layers (DMTD; repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
+@click.option("--show", is_flag=True,
+              help="measure nothing: show the cached curve, what recent runs saw and where auto starts")
 @clean_errors
-def calibrate(model, n_threads, flash_attn, exact_rows, rounds, late_layers, as_json):
+def calibrate(model, n_threads, flash_attn, exact_rows, rounds, late_layers, as_json, show):
     """Measure what a forward pass of n rows costs here (n = 1..64), the curve `auto` decides by.
 
-    The profile is cached per model file, threads, backend build and mode, and re-measured here."""
+    The profile is cached per model file, threads, backend build and mode, and re-measured here;
+    auto re-prices rows from the steps it runs and records them in it (see --show)."""
     from dataclasses import asdict
 
     from .backend import Model, Session
     from .errors import RequestError
     from .models import resolve_model
-    from .profile import CONTEXT, GRID, measure
+    from .profile import CONTEXT, GRID, load_profile, measure
 
     m = Model(resolve_model(model))
     for d in late_layers:
@@ -165,6 +168,13 @@ def calibrate(model, n_threads, flash_attn, exact_rows, rounds, late_layers, as_
             raise RequestError(f"--late-layers {d}: the model has {m.n_layer} layers")
     session = Session(m, n_ctx=CONTEXT + GRID[-1] + 1, n_threads=n_threads, flash_attn=flash_attn,
                       exact_rows=exact_rows)
+    if show:
+        prof = load_profile(session)
+        if prof is None:
+            raise RequestError("no profile cached for this model, thread count and mode yet "
+                               "(`edge-mtp calibrate` measures one; auto does on its first request)")
+        click.echo(json.dumps(asdict(prof)) if as_json else prof.show())
+        return
     with click.progressbar(length=rounds, label="timing", file=sys.stderr) as bar:
         prof = measure(session, rounds=rounds, late_layers=tuple(late_layers),
                        progress=lambda done, total: bar.update(1))

@@ -19,6 +19,7 @@ from .generation import Generation
 from .models import resolve_model
 from .sampling import Sampler, SamplingParams, TokenLogprob
 from .strategies import make_strategy
+from .strategies.auto import AutoState
 
 
 class Stream:
@@ -167,6 +168,7 @@ class Engine:
         self.model_name = model if self.model_path.name != model else self.model_path.stem
         self._lock = threading.Lock()
         self._streaming_thread: int | None = None
+        self._auto = AutoState()  # what auto learns here carries from request to request
 
     def close(self) -> None:
         self.session.close()
@@ -299,6 +301,8 @@ class Engine:
             strategy, options = self.strategy, {**self.strategy_options, **(strategy_options or {})}
         else:
             options = dict(strategy_options or {})
+        if strategy.partition(":")[0] == "auto":
+            options.setdefault("state", self._auto)
         gen = Generation(self.session, make_strategy(strategy, **options), sampler, tokens,
                          max_tokens, stops)
         return Stream(self, gen, kind, logprobs=top_logprobs is not None)

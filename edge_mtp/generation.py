@@ -90,6 +90,7 @@ class Generation:
             self.decode_s = time.perf_counter() - self.t_decode
             self.model_s = self.session.model_s - self.model_s0
             self.text = text.text
+            self.strategy.finish()
 
     def _loop(self, pending: int, text: TextStream) -> Iterator[str]:
         model, session = self.session.model, self.session

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import load_tool
-from edge_mtp.profile import GRID, Profile, load_profile, measure
-from edge_mtp.strategies.auto import DraftPolicy, cost_table
+from edge_mtp.profile import GRID, Profile, load_profile, measure, profile_key, robust_ratios, save_profile
+from edge_mtp.strategies.auto import (EXPLORE_SHARE, EXPLORE_START, GROWTH, AutoState, DraftPolicy,
+                                      cost_table)
 from edge_mtp.strategies.lookup import BUCKET_START, LONGEST, Lookup, MatchAcceptance, bucket, continues_word
 
 REPEATING = [{"role": "user", "content": "Repeat exactly, twice: the quick brown fox jumps over the "
@@ -87,11 +88,11 @@ def test_policy_drafts_long_only_on_a_long_agreed_match_under_a_dear_curve():
     policy.cap = 2
     assert policy.choose(60, 10, conts, (4, 4)) == 2  # slow start caps it
     policy.learn(60, [1, 2], [1, 2, 3])
-    assert policy.cap == 4  # a fully accepted draft doubles the cap
+    assert policy.cap == 2 * GROWTH  # a fully accepted draft grows the cap
     policy.learn(60, [1, 2, 3], [9])
-    assert policy.cap == 2  # a rejected first token halves it
+    assert policy.cap == GROWTH  # a rejected first token halves it
     policy.learn(60, [1], [9], verified=False)
-    assert policy.cap == 2  # a plain step's test of the first token teaches acceptance only
+    assert policy.cap == GROWTH  # a plain step's test of the first token teaches acceptance only
     assert policy.acceptance.offset < 0
 
 
@@ -100,15 +101,127 @@ def test_continues_word():
     assert not continues_word(b" the") and not continues_word(b",") and not continues_word(b"")
 
 
-def test_auto_drafts_when_rows_are_cheap_and_not_when_they_are_dear(engine):
-    cheap = engine.chat(REPEATING, max_tokens=64, temperature=0, strategy="auto",
-                        strategy_options={"profile": CHEAP})["speculation"]
-    dear = engine.chat(REPEATING, max_tokens=64, temperature=0, strategy="auto",
-                       strategy_options={"profile": DEAR})["speculation"]
+def test_policy_prefers_tokens_per_time_over_tokens_per_step():
+    """Four 11-row passes beat one 65-row pass when rows cost their share: a long draft only where
+    the curve flattens."""
+    steep = DraftPolicy(cost_table(curve(lambda n: 0.6 * n)))  # 65 rows cost 39 plain steps
+    flat = DraftPolicy(cost_table(curve(lambda n: 1.0 + 0.05 * (n - 1))))
+    for policy in (steep, flat):
+        policy.cap = 64
+    conts = [True] * 64
+    assert 0 < steep.choose(60, 64, conts, (4, 4)) < 64
+    assert flat.choose(60, 64, conts, (4, 4)) == 64
+
+
+ITEMS = ("apple, banana, cherry, grape, lemon, mango, orange, peach, pear, plum, kiwi, lime, fig, "
+         "date, melon, berry")
+COPYING = f"The list: {ITEMS}. Again: {ITEMS}. Again: apple,"  # the answer copies a 40-token list
+
+
+def test_auto_drafts_long_when_rows_are_cheap(engine):
+    cheap = engine.generate(COPYING, max_tokens=64, temperature=0, strategy="auto",
+                            strategy_options={"profile": CHEAP, "state": AutoState()})["speculation"]
     assert cheap["steps_by_kind"]["draft"] > 0 and cheap["mean_accepted_tokens_per_step"] > 1.3
     assert cheap["mean_draft_length"] > 2  # long matches on a repeat earn long drafts
-    assert dear["steps_by_kind"]["draft"] == 0  # a draft never pays when each row costs a step
-    assert "decision" in dear and "masks off" in dear["decision"]
+    assert cheap["longest_draft"] > 10  # the slow-start cap grows past the old limit of 10
+    assert "decision" in cheap and "masks off" in cheap["decision"]
+
+
+def exploration_bound(spec: dict, state: AutoState) -> float:
+    """What exploring may have lost: the start credit, its share of decode time, one overshoot."""
+    return EXPLORE_START + EXPLORE_SHARE * state.decode_cost + max(spec["row_cost"].values(), default=0)
+
+
+def test_a_dear_curve_is_disproved_by_bounded_exploration(engine):
+    """A curve that prices every row at a full step says drafting never pays; auto tests short
+    drafts anyway (within its credit), and what they measure replaces the curve."""
+    state = AutoState()
+    dear = engine.chat(REPEATING, max_tokens=64, temperature=0, strategy="auto",
+                       strategy_options={"profile": DEAR, "state": state})["speculation"]
+    assert dear["explored_steps"] >= 1 and dear["steps_by_kind"]["draft"] >= dear["explored_steps"]
+    timed = {int(n): c for n, c in dear["row_cost"].items()}
+    assert timed and all(c < 0.8 * DEAR.cost_of(n) for n, c in timed.items() if n >= 3)
+    assert dear["exploration_loss"] <= exploration_bound(dear, state)
+    assert dear["row_cost_prior"] == {str(n): DEAR.cost_of(n) for n in timed}
+
+
+def test_an_optimistic_curve_is_corrected_within_the_request(engine):
+    free = curve(lambda n: 1.0)  # every row priced at nothing
+    spec = engine.chat(REPEATING, max_tokens=64, temperature=0, strategy="auto",
+                       strategy_options={"profile": free, "state": AutoState()})["speculation"]
+    assert spec["steps_by_kind"]["draft"] > 0
+    timed = {int(n): c for n, c in spec["row_cost"].items()}
+    assert timed and all(c > 1.2 for c in timed.values())  # extra rows cost something on any CPU
+    assert spec["row_cost_scale"] > 2
+
+
+def test_what_auto_learns_carries_to_the_engines_next_request(engine):
+    state = AutoState()
+    options = {"profile": CHEAP, "state": state}
+    first = engine.chat(REPEATING, max_tokens=32, temperature=0, strategy="auto",
+                        strategy_options=options)["speculation"]
+    estimate, offset = state.estimate, state.offset
+    steps = estimate.steps
+    assert offset == pytest.approx(first["acceptance_offset"], abs=1e-3) and offset != 0.0
+    second = engine.chat(REPEATING, max_tokens=32, temperature=0, strategy="auto",
+                         strategy_options=options)["speculation"]
+    assert (first["requests_learned_from"], second["requests_learned_from"]) == (1, 2)
+    assert state.estimate is estimate and estimate.steps > steps  # one estimate, both requests
+    assert state.offset == pytest.approx(second["acceptance_offset"], abs=1e-3)
+
+
+def test_a_poisoned_cached_profile_is_corrected_and_outvoted(model_path, tmp_path, monkeypatch):
+    """The stale-profile failure: a cached curve priced at 3x what rows cost. A request moves
+    the live estimate to the measured cost, writes it back, and the next process starts from the
+    median of the calibration and the runs, which two honest runs win."""
+    from edge_mtp import Engine
+
+    monkeypatch.setenv("EDGE_MTP_CACHE", str(tmp_path))
+    with Engine(str(model_path), n_ctx=1024, n_threads=2) as e:
+        honest = e.calibrate(rounds=1)
+        poisoned = Profile(profile_key(e.session), list(GRID), [1.0] + [3 * c for c in honest.cost[1:]],
+                           honest.step_ms)
+        save_profile(poisoned)
+        for run in range(2):  # two processes' worth of runs (a fresh state each)
+            state = AutoState()
+            spec = e.chat(REPEATING, max_tokens=64, temperature=0,
+                          strategy_options={"state": state})["speculation"]
+            timed = {int(n): c for n, c in spec["row_cost"].items()}
+            assert timed, spec  # it explored
+            for n, c in timed.items():
+                assert c < 0.7 * float(spec["row_cost_prior"][str(n)])  # moved toward the measured cost
+            assert spec["exploration_loss"] <= exploration_bound(spec, state)
+        cached = load_profile(e.session)
+        assert cached.cost == poisoned.cost and len(cached.runs) == 2  # written back, calibration kept
+        prior = cached.prior()
+        n = max(int(k) for r in cached.runs for k in r["cost"]) if any(r["cost"] for r in cached.runs) else 2
+        assert prior.cost_of(n) < 0.7 * poisoned.cost_of(n)  # the next process starts near the truth
+
+
+def test_the_prior_is_a_median_that_one_busy_run_cannot_move():
+    calibrated = Profile("p", [1, 2, 8], [1.0, 2.0, 5.0], 10.0)
+    run = lambda rid, ms, c2: {"id": rid, "step_ms": ms, "cost": {"2": c2}}  # noqa: E731
+    calibrated.runs = [run("a", 10.2, 1.9), run("b", 9.8, 2.1), run("busy", 25.0, 6.0)]
+    prior = calibrated.prior()
+    assert prior.cost_of(2) == pytest.approx(2.05)  # median of 2.0, 1.9, 2.1 and 6.0
+    assert prior.step_ms == pytest.approx(10.1)
+    assert prior.cost_of(8) == pytest.approx(5.0, rel=0.1)  # untimed: the calibrated shape
+    stale = Profile("p", [1, 2, 8], [1.0, 2.66, 7.0], 24.0, runs=[run("a", 10.2, 1.9), run("b", 9.8, 2.1)])
+    assert not stale.calibration_counts()  # its plain step was 2.4x the runs': another machine state
+    assert stale.prior().cost_of(2) == pytest.approx(2.0)  # the runs alone
+    assert stale.prior().cost_of(8) < 6.0  # the untimed count scaled as the runs scale the curve
+    untrusted = Profile("p", [1, 2, 8], [1.0, 2.66, 7.0], 10.0, trusted=False, runs=[run("a", 10.2, 1.9)])
+    assert untrusted.prior().cost_of(2) == pytest.approx(1.9)
+
+
+def test_calibration_throws_away_disturbed_pairs():
+    pairs = [(("rows", 2), 10.0, 2.0), (("rows", 2), 10.5, 2.1), (("rows", 2), 30.0, 1.2),
+             (("rows", 4), 9.8, 3.0), (("rows", 4), 10.1, 3.1)]
+    ratios, steps, dropped = robust_ratios(pairs)
+    assert ratios[("rows", 2)] == [2.0, 2.1] and dropped == pytest.approx(0.2)
+    assert 30.0 not in steps
+    busy = [(("rows", 2), 30.0, 1.2), (("rows", 4), 10.0, 3.0), (("rows", 4), 10.0, 3.0)]
+    assert robust_ratios(busy)[0][("rows", 2)] == [1.2]  # every pair disturbed: all kept
 
 
 def test_auto_without_room_to_calibrate_is_plain(model_path):
@@ -151,7 +264,12 @@ def test_calibrate_cli_prints_the_curve(model_path, tmp_path):
     assert out.returncode == 0, out.stderr
     prof = json.loads(out.stdout)
     assert prof["rows"] == list(GRID) and len(prof["cost"]) == len(GRID)
+    assert len(prof["spread"]) == len(GRID) and isinstance(prof["trusted"], bool)
     assert list((tmp_path / "profiles").glob("*.json"))
+    show = subprocess.run([sys.executable, "-m", "edge_mtp.cli", "calibrate", "-m", str(model_path),
+                           "-t", "2", "--show"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "EDGE_MTP_CACHE": str(tmp_path)}, timeout=300)
+    assert show.returncode == 0 and "recent runs" in show.stdout and "| cost |" in show.stdout
 
 
 def test_replay_tool_follows_plain_decoding_and_prices_drafts_by_the_curve(engine):

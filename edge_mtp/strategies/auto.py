@@ -4,27 +4,36 @@ A verification pass of n rows costs cost(n) plain steps, measured on this machin
 on 2 cores a Q4_1 model pays about 2x for 2 rows, its F32 twin 1.2-1.6x). Each step auto looks up
 the prompt-lookup draft for the current text and the length L of the match it came from, predicts
 the chance that each draft token is accepted, and sizes the draft d to maximise the expected gain
-over a plain step, in plain-step units:
+to maximise the expected tokens per unit of time, in plain-step units:
 
-    gain(d) = sum_{i=1..d} prod_{j=1..i} a_j  -  s * (cost(d + 1) - 1)  -  overhead
+    rate(d) = (1 + sum_{i=1..d} prod_{j=1..i} a_j) / (cost(d + 1) + overhead_tree)
 
-where a_j is the probability that draft token j is accepted: lookup.py's MatchAcceptance, priors
-per match-length bucket measured on Spec-Bench's dev split (accepting a token lengthens the match
-by one; a 1-token match predicts 0.25, a 49+ token one, a passage being copied, 0.99), shifted on
-the logit scale by what the text says about each token (whether it continues a word, and for the
-first one whether the matched n-gram was always followed by it) and by one offset per request,
-learned online from every draft token whose truth becomes known: those of verified drafts, and
-the first draft token of every plain step taken while a draft was at hand, which the step itself
-tests for free (tools/auto_replay.py measures the priors and replays this policy offline). When
-no d has a positive gain the step is plain. Drafts also start short, like TCP's slow
-start: a request may draft at most FIRST_CAP tokens, the cap doubling after a fully accepted draft
-and halving after a rejected first token, so a text whose long matches do not continue (a RAG
-answer paraphrasing its passages) loses a 5-row pass, not an 11-row one, before the estimate
-learns. The overheads (Python time of a tree step vs a plain step) are tracked online as fractions
-of a plain step, and so is s, the measured extra model time of this request's tree steps over the
-profile's prediction: the machine's state moves the curve (the F32 twin's 2-row cost measured
-1.16 to 1.62 plain steps from one process to the next), far more than the context does (the
-default model's 2-row cost: 2.12 at 256 cached tokens, 2.02 at 1280, 2.05 at 2048; one run).
+against a plain step's 1 / (1 + overhead_plain), where a_j is the probability that draft token j
+is accepted: lookup.py's MatchAcceptance, priors per match-length bucket measured on Spec-Bench's
+dev split (accepting a token lengthens the match by one; a 1-token match predicts 0.25, a 49+
+token one, a passage being copied, 0.99), shifted on the logit scale by what the text says about
+each token (whether it continues a word, and for the first one whether the matched n-gram was
+always followed by it) and by one offset, learned online from every draft token whose truth
+becomes known: those of verified drafts, and the first draft token of every plain step taken
+while a draft was at hand, which the step itself tests for free (tools/auto_replay.py measures
+the priors and replays this policy offline). Tokens per time, not tokens gained per step: a 64-row
+pass that wins 40 tokens can be slower than four 11-row passes winning 10 each.
+
+Drafts start short, like TCP's slow start: a request may draft FIRST_CAP tokens, the cap growing
+GROWTH-fold after a fully accepted draft (4, 16, 64: a copied passage reaches MAX_DRAFT in three
+steps) and halving after a rejected first token, so a text whose long matches do not continue (a
+RAG answer paraphrasing its passages) loses a 5-row pass, not a 65-row one, before it learns.
+
+cost(n) is a live estimate (profile.CostEstimate): the calibrated curve and recent runs are its
+prior, every step's measured model time moves it, and what it saw is written back to the profile
+at the end of each request. A prior that prices rows too high would never be corrected by steps
+it never takes, so auto explores: where no draft pays by the estimate but one would if the rows
+cost EXPLORE_PRICE of it, and that row count was not timed lately, it verifies the draft anyway,
+paid from a credit that grows by EXPLORE_SHARE of each step's time and shrinks by what each
+exploration lost against plain steps (so exploring costs at most EXPLORE_START plain steps plus
+1% of decode time). The Python overheads are tracked online as fractions of a plain step. What an
+Engine's auto learned (the estimate, the acceptance offset, the overheads, the credit) carries
+over to its next request (AutoState): short answers do not start from scratch each time.
 
 Probing masks need a row each on every pass; auto turns them on only when the profile says the
 paper's acceptance could pay for them (never on the CPUs measured so far) and reports why not.
@@ -33,17 +42,22 @@ Lossless: every step is either plain or a verified tree (verify.py), for greedy 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..profile import CONTEXT, GRID, Profile, get_profile
+from ..profile import CONTEXT, GRID, CostEstimate, Profile, get_profile, profile_key
 from ..tree import TokenTree
 from .base import Strategy
 from .dmtd import Dmtd
 from .lookup import BUCKET_START, LONGEST, Lookup, MatchAcceptance, continues_word
 
-MAX_DRAFT = 10
+MAX_DRAFT = 64
 FIRST_CAP = 4
+GROWTH = 4  # the cap's factor after a fully accepted draft
+EXPLORE_PRICE = 0.25  # explore a draft that would pay if the extra rows cost this share of the estimate
+EXPLORE_SHARE = 0.01  # of each step's time, credited to exploration
+EXPLORE_START = 1.0  # plain steps of credit an Engine starts with (and at most holds)
 PROBE_MAT = {4: 1.08, 10: 1.18, 30: 1.30, 60: 1.38}  # papers.md / the probing issue: one mask
 
 
@@ -65,27 +79,26 @@ class DraftPolicy:
         self.max_draft = max_draft
         self.acceptance = MatchAcceptance()
         self.overhead = {"plain": 0.02, "tree": 0.06}  # Python time per step / plain step time
-        self.row_scale = 1.0  # observed / predicted extra model time of a tree step
         self.cap = FIRST_CAP
 
     def choose(self, match: int, available: int, continues=None,
-               support: tuple[int, int] = (0, 0)) -> int:
-        """The draft length with the best expected gain over a plain step (0: plain);
-        continues and support describe the draft (MatchAcceptance.along)."""
+               support: tuple[int, int] = (0, 0), price: float = 1.0) -> int:
+        """The draft length with the best expected tokens per time (0: plain); continues and
+        support describe the draft (MatchAcceptance.along); price scales the extra rows' cost."""
         d_max = min(available, self.max_draft, self.cap)
         if d_max == 0:
             return 0
-        extra = self.overhead["tree"] - self.overhead["plain"]
-        price = [self.row_scale * (self.cost[d + 1] - 1.0) + extra for d in range(d_max + 1)]
+        plain = 1.0 / (1.0 + self.overhead["plain"])
+        spent = [1.0 + price * (self.cost[d + 1] - 1.0) + self.overhead["tree"] for d in range(d_max + 1)]
         first = self.acceptance.along(match, 1, continues, support)[0]
-        if all(first * d <= price[d] for d in range(1, d_max + 1)):
+        if all((1.0 + first * d) <= plain * spent[d] for d in range(1, d_max + 1)):
             return 0  # P(reaching token i) <= the first one's acceptance: none can pay (most steps)
-        best, best_gain, tokens, reach = 0, 0.0, 0.0, 1.0
+        best, best_rate, tokens, reach = 0, plain, 1.0, 1.0
         for d, a in enumerate(self.acceptance.along(match, d_max, continues, support), 1):
             reach *= a  # P(the first d drafts are all accepted)
             tokens += reach
-            if tokens - price[d] > best_gain:
-                best, best_gain = d, tokens - price[d]
+            if tokens / spent[d] > best_rate:
+                best, best_rate = d, tokens / spent[d]
         return best
 
     def learn(self, match: int, drafts: list[int], out: list[int], continues=None,
@@ -96,34 +109,50 @@ class DraftPolicy:
         self.acceptance.learn(match, drafts, out, continues, support)
         if verified:
             accepted, d = len(out) - 1, len(drafts)
-            self.cap = min(2 * self.cap, MAX_DRAFT) if accepted == d else \
+            self.cap = min(GROWTH * self.cap, self.max_draft) if accepted == d else \
                 max(1, self.cap // 2) if accepted == 0 else self.cap
 
-    def observe(self, drafted: int, extra_model: float, python: float) -> None:
-        """A measured step, in plain steps: extra_model = its model time - 1 (tree steps), python =
-        its Python time. Running means of how much dearer than predicted the extra rows were
-        (clipped to [0.5, 4]: one slow step is not a trend) and of each kind's Python time."""
-        if drafted:
-            predicted = max(self.cost[drafted + 1] - 1.0, 1e-3)  # a curve may price extra rows at 0
-            ratio = min(max(extra_model / predicted, 0.5), 4.0)
-            self.row_scale += 0.2 * (ratio - self.row_scale)
+    def observe(self, drafted: int, python: float) -> None:
+        """A step's Python time, in plain steps: a running mean per kind."""
         key = "tree" if drafted else "plain"
         self.overhead[key] += 0.1 * (python - self.overhead[key])
+
+
+@dataclass
+class AutoState:
+    """What auto learned on one Engine, carried from request to request."""
+
+    estimate: CostEstimate | None = None
+    offset: float = 0.0  # acceptance logit offset
+    overhead: dict | None = None
+    credit: float = EXPLORE_START  # exploration credit, plain steps
+    requests: int = 0  # requests that taught this state
+    explored: int = 0  # exploration steps, all requests
+    explore_loss: float = 0.0  # their loss against plain steps, plain steps
+    decode_cost: float = 0.0  # all decode steps' time, plain steps
 
 
 class Auto(Strategy):
     name = "auto"
 
-    def __init__(self, budget: int = MAX_DRAFT + 1, profile: Profile | None = None):
+    def __init__(self, budget: int = MAX_DRAFT + 1, profile: Profile | None = None,
+                 state: AutoState | None = None):
         super().__init__()
         self.max_draft = max(0, min(MAX_DRAFT, budget - 1))
         self.profile = profile
+        self.given = profile is not None  # a caller's curve: used, never written back
+        self.state = state if state is not None else AutoState()
 
     def prefill(self, session, prompt):
         split = session.model.dmtd
         late = (split.decoding_layers + split.encoding_layers,) if split else ()
-        if session.n_ctx >= CONTEXT + GRID[-1] + 1:
-            if self.profile is None or any(str(d) not in self.profile.late_layers for d in late):
+        state = self.state
+        if session.n_ctx >= CONTEXT + GRID[-1] + 1 and not self.given:
+            known = state.estimate.profile if state.estimate else None
+            if known is not None and known.key == profile_key(session) and \
+                    all(str(d) in known.late_layers for d in late):
+                self.profile = known  # this Engine's: re-priced by its earlier requests
+            else:
                 self.profile = get_profile(session, late)  # cached per model, threads and mode
         self.dmtd = None
         if split and self.profile is not None:  # a DMTD model: its own cycle, sized to this device
@@ -132,9 +161,17 @@ class Auto(Strategy):
         self.lookup = Lookup(budget=max(2, self.max_draft + 1))
         self.lookup.start(prompt)
         self.policy = DraftPolicy(cost_table(self.profile, self.max_draft), self.max_draft)
-        self.plain_ms = self.profile.step_ms if self.profile else 0.0  # model time of a plain step
+        if self.profile is not None:
+            if state.estimate is None or state.estimate.profile is not self.profile:
+                state.estimate = CostEstimate(self.profile)
+            self.estimate = state.estimate
+            self.policy.cost = list(self.estimate.table(self.max_draft + 1))
+            self.policy.acceptance.offset = state.offset
+            if state.overhead:
+                self.policy.overhead = dict(state.overhead)
         self.kinds = {"plain": 0, "draft": 0}
-        self.draft_rows = 0
+        self.draft_rows = self.longest = self.explored = 0
+        self.explore_loss = 0.0
         return super().prefill(session, prompt)
 
     def dmtd_cycle(self, split) -> int:
@@ -148,41 +185,67 @@ class Auto(Strategy):
         if self.dmtd is not None:
             return self.dmtd.step(session, sampler, pending)
         t0, m0 = time.perf_counter(), session.model_s
-        lk = self.lookup
+        lk, policy = self.lookup, self.policy
         lk.history.append(pending)
         room = session.room - 1
         match, drafts = lk.find(min(self.max_draft, room), longest=LONGEST)
-        d, continues = 0, None
+        d, continues, explore = 0, None, False
         if self.profile is not None and drafts:
             piece = session.model.piece  # the policy looks at most `cap` tokens ahead
-            continues = [continues_word(piece(t)) for t in drafts[:self.policy.cap]]
-            d = self.policy.choose(match, len(drafts), continues, lk.support)
+            continues = [continues_word(piece(t)) for t in drafts[:policy.cap]]
+            d = policy.choose(match, len(drafts), continues, lk.support)
+            if d == 0 and self.state.credit > 0:
+                d = policy.choose(match, len(drafts), continues, lk.support, price=EXPLORE_PRICE)
+                explore = d > 0 and not self.estimate.tested(d + 1)
+                d = d if explore else 0
         if d == 0:
             out = [sampler(session.decode([pending])[-1])]
             if continues is not None:  # a draft was at hand: the step tested its first token
-                self.policy.learn(match, drafts[:1], out, continues, lk.support, verified=False)
+                policy.learn(match, drafts[:1], out, continues, lk.support, verified=False)
         else:
             tree = TokenTree()
             parent = tree.add(pending, -1)
             for t in drafts[:d]:
                 parent = tree.add(t, parent)
             out = self.verify_tree(session, sampler, tree)[0].tokens
-            self.policy.learn(match, drafts[:d], out, continues, lk.support)
+            policy.learn(match, drafts[:d], out, continues, lk.support)
             self.draft_rows += d
+            self.longest = max(self.longest, d)
         lk.history.extend(out[:-1])
         self.kinds["draft" if d else "plain"] += 1
         if self.profile is not None:
-            self._observe(d, session.model_s - m0, time.perf_counter() - t0)
+            self._observe(d, session.model_s - m0, time.perf_counter() - t0, len(out), explore)
         return out
 
-    def _observe(self, drafted: int, model_s: float, step_s: float) -> None:
-        """Feed the policy this step's measured times, in plain steps (a plain step's model time
-        is itself a running mean)."""
+    def _observe(self, drafted: int, model_s: float, step_s: float, tokens: int, explore: bool) -> None:
+        """Feed the estimate and the policy this step's measured times; settle exploration."""
+        est, state = self.estimate, self.state
         model_ms = model_s * 1e3
-        if not drafted:
-            self.plain_ms += 0.1 * (model_ms - self.plain_ms)
-        extra = model_ms / self.plain_ms - 1.0
-        self.policy.observe(drafted, extra, (step_s - model_s) * 1e3 / self.profile.step_ms)
+        est.observe(drafted + 1, model_ms)
+        cost = model_ms / est.plain_ms  # this step, in plain steps
+        if drafted:
+            self.policy.cost = list(est.table(self.max_draft + 1))
+        self.policy.observe(drafted, (step_s - model_s) * 1e3 / est.plain_ms)
+        state.decode_cost += cost
+        state.credit = min(EXPLORE_START, state.credit + EXPLORE_SHARE * cost)
+        if explore:
+            loss = max(0.0, cost - tokens)  # what plain steps would have spent on these tokens
+            state.credit -= loss
+            state.explore_loss += loss
+            state.explored += 1
+            self.explored += 1
+            self.explore_loss += loss
+
+    def finish(self) -> None:
+        """Keep what this request taught for the Engine's next one, and in the profile's runs."""
+        if self.dmtd is not None or self.profile is None:
+            return
+        state = self.state
+        state.offset = self.policy.acceptance.offset
+        state.overhead = dict(self.policy.overhead)
+        state.requests += 1
+        if not self.given:
+            self.estimate.write_back()
 
     def probe_verdict(self) -> str:
         """Why probing masks are off (or would be on) on this device's curve."""
@@ -205,16 +268,22 @@ class Auto(Strategy):
         drafts = self.kinds["draft"]
         ceiling, at = self.profile.ceiling
         acceptance = self.policy.acceptance
+        est = self.estimate
         return {
-            "decision": (f"lookup drafts sized per step by predicted acceptance vs this device's cost "
-                         f"curve (2 rows cost {self.profile.cost_of(2):.2f}x, ceiling {ceiling:.2f}x at "
-                         f"{at} rows); {self.kinds['plain']} plain steps, {drafts} draft steps; masks off: "
-                         f"{self.probe_verdict()}"),
+            "decision": (f"lookup drafts sized per step by predicted acceptance vs this device's live "
+                         f"cost estimate (2 rows cost {est.cost(2):.2f}x, calibrated "
+                         f"{self.profile.cost_of(2):.2f}x, ceiling {ceiling:.2f}x at {at} rows); "
+                         f"{self.kinds['plain']} plain steps, {drafts} draft steps "
+                         f"({self.explored} exploring); masks off: {self.probe_verdict()}"),
             "steps_by_kind": dict(self.kinds),
             "mean_draft_length": round(self.draft_rows / drafts, 3) if drafts else 0.0,
-            "row_cost_scale": round(self.policy.row_scale, 3),
-            "acceptance_offset": round(acceptance.offset, 3),  # logit, learned in this request
+            "longest_draft": self.longest,
+            "explored_steps": self.explored,
+            "exploration_loss": round(self.explore_loss, 3),  # plain steps lost to exploring
+            **est.report(),
+            "acceptance_offset": round(acceptance.offset, 3),  # logit, learned on this Engine
             "acceptance_by_match_length": {f"{start}+": round(acceptance.at(int(start)), 3)
                                            for start in BUCKET_START},
+            "requests_learned_from": self.state.requests,
             "profile": self.profile.key,
         }

@@ -43,6 +43,10 @@ class Strategy(ABC):
     def step(self, session: Session, sampler: Sampler, pending: int) -> list[int]:
         ...
 
+    def finish(self) -> None:
+        """The request ended (done, stopped or failed): a strategy that learns keeps what it
+        learned here."""
+
     def stats(self) -> dict:
         """Strategy-specific fields for the result's speculation block."""
         return {}
