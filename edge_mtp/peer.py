@@ -19,11 +19,13 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import http.client
 from dataclasses import dataclass, field
@@ -219,11 +221,19 @@ class PeerServer:
         self._proc = None
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def start_servers(strategies: list[str], model: Path, n_ctx: int, n_threads: int,
                   log_dir: Path | None = None) -> dict[str, PeerServer]:
-    """Build (once) and start one server per peer strategy; stops them all if one fails."""
+    """Build (once) and start one server per peer strategy; stops them all if one fails. Until
+    stop_servers, SIGTERM unwinds this process like Ctrl-C does (its default would end it on the
+    spot and leave the llama-server children running)."""
     binary = ensure_server()
     servers: dict[str, PeerServer] = {}
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         for s in strategies:
             say(f"starting {s}")
@@ -238,3 +248,5 @@ def start_servers(strategies: list[str], model: Path, n_ctx: int, n_threads: int
 def stop_servers(servers: dict[str, PeerServer]) -> None:
     for srv in servers.values():
         srv.stop()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

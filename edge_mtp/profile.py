@@ -42,6 +42,7 @@ MAX_DROPPED = 0.25  # a calibration that lost more of its pairs than this is not
 MAX_STEP_SPREAD = 0.15  # ... nor one whose kept plain steps spread wider (IQR / median)
 STEP_DRIFT = 0.25  # recent runs' plain steps this far from the calibration's: it measured another machine state
 RUNS_KEPT = 9  # live estimates kept per profile (one per process)
+RUNS_DISAGREE = 1.5  # runs that all find the calibrated rows this far off outvote it
 
 
 @dataclass
@@ -69,9 +70,19 @@ class Profile:
 
     def calibration_counts(self) -> bool:
         """Whether the calibrated curve gets a vote in the prior: it was trusted, and recent runs
-        (two or more) did not see a plain step more than STEP_DRIFT away from its own."""
+        (two or more) did not see a plain step more than STEP_DRIFT away from its own, nor agree
+        that its rows cost more than RUNS_DISAGREE times (or less than 1 / RUNS_DISAGREE of) what
+        they measured."""
         steps = [r["step_ms"] for r in self.runs]
-        return self.trusted and (len(steps) < 2 or abs(self.step_ms / float(np.median(steps)) - 1) <= STEP_DRIFT)
+        if not self.trusted:
+            return False
+        if len(steps) < 2:
+            return True
+        scales = [fit_scale([(self.cost_of(int(n)) - 1.0, c - 1.0, 1, int(n)) for n, c in r["cost"].items()], 0.0)
+                  for r in self.runs if r["cost"]]
+        off = len(scales) >= 2 and (all(x > RUNS_DISAGREE for x in scales)
+                                    or all(x < 1 / RUNS_DISAGREE for x in scales))
+        return abs(self.step_ms / float(np.median(steps)) - 1) <= STEP_DRIFT and not off
 
     def prior(self) -> "Profile":
         """The curve a new estimate starts from: per row count the median of the calibration (when
@@ -349,6 +360,10 @@ class CostEstimate:
         self.scale = 1.0
         self.steps = 0
         self.run = os.urandom(4).hex()  # this estimate's entry in the profile's runs
+
+    def new_request(self) -> None:
+        """A new context length: its first plain steps re-weight the plain step's mean quickly."""
+        self.plain_steps = min(self.plain_steps, 3)
 
     def cost(self, n: int) -> float:
         if n <= 1:

@@ -184,18 +184,19 @@ def test_a_poisoned_cached_profile_is_corrected_and_outvoted(model_path, tmp_pat
         save_profile(poisoned)
         for run in range(2):  # two processes' worth of runs (a fresh state each)
             state = AutoState()
-            spec = e.chat(REPEATING, max_tokens=64, temperature=0,
-                          strategy_options={"state": state})["speculation"]
+            spec = e.generate(COPYING, max_tokens=64, temperature=0,
+                              strategy_options={"state": state})["speculation"]
             timed = {int(n): c for n, c in spec["row_cost"].items()}
             assert timed, spec  # it explored
             for n, c in timed.items():
-                assert c < 0.7 * float(spec["row_cost_prior"][str(n)])  # moved toward the measured cost
+                assert c < 0.7 * poisoned.cost_of(n)  # moved toward the measured cost
             assert spec["exploration_loss"] <= exploration_bound(spec, state)
         cached = load_profile(e.session)
         assert cached.cost == poisoned.cost and len(cached.runs) == 2  # written back, calibration kept
         prior = cached.prior()
-        n = max(int(k) for r in cached.runs for k in r["cost"]) if any(r["cost"] for r in cached.runs) else 2
-        assert prior.cost_of(n) < 0.7 * poisoned.cost_of(n)  # the next process starts near the truth
+        assert not cached.calibration_counts()  # two runs agreeing it is 3x off outvote it
+        for n in (2, 3, 8, 64):  # the next process starts near the truth, timed counts or not
+            assert prior.cost_of(n) < 0.7 * poisoned.cost_of(n)
 
 
 def test_the_prior_is_a_median_that_one_busy_run_cannot_move():
@@ -210,6 +211,9 @@ def test_the_prior_is_a_median_that_one_busy_run_cannot_move():
     assert not stale.calibration_counts()  # its plain step was 2.4x the runs': another machine state
     assert stale.prior().cost_of(2) == pytest.approx(2.0)  # the runs alone
     assert stale.prior().cost_of(8) < 6.0  # the untimed count scaled as the runs scale the curve
+    dear = Profile("p", [1, 2, 8], [1.0, 6.0, 15.0], 10.0, runs=[run("a", 10.2, 1.9), run("b", 9.8, 2.1)])
+    assert not dear.calibration_counts()  # both runs find its rows 5x dearer than they are
+    assert dear.prior().cost_of(2) == pytest.approx(2.0) and dear.prior().cost_of(8) < 6.0
     untrusted = Profile("p", [1, 2, 8], [1.0, 2.66, 7.0], 10.0, trusted=False, runs=[run("a", 10.2, 1.9)])
     assert untrusted.prior().cost_of(2) == pytest.approx(1.9)
 

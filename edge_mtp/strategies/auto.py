@@ -29,11 +29,13 @@ prior, every step's measured model time moves it, and what it saw is written bac
 at the end of each request. A prior that prices rows too high would never be corrected by steps
 it never takes, so auto explores: where no draft pays by the estimate but one would if the rows
 cost EXPLORE_PRICE of it, and that row count was not timed lately, it verifies the draft anyway,
+with a short draft (EXPLORE_DRAFT: the scale fitted to what it measures carries to long drafts),
 paid from a credit that grows by EXPLORE_SHARE of each step's time and shrinks by what each
 exploration lost against plain steps (so exploring costs at most EXPLORE_START plain steps plus
 1% of decode time). The Python overheads are tracked online as fractions of a plain step. What an
-Engine's auto learned (the estimate, the acceptance offset, the overheads, the credit) carries
-over to its next request (AutoState): short answers do not start from scratch each time.
+Engine's auto learned (the estimate, the overheads, the credit, and half the acceptance offset:
+texts differ) carries over to its next request (AutoState): short answers do not start from
+scratch each time.
 
 Probing masks need a row each on every pass; auto turns them on only when the profile says the
 paper's acceptance could pay for them (never on the CPUs measured so far) and reports why not.
@@ -58,6 +60,8 @@ GROWTH = 4  # the cap's factor after a fully accepted draft
 EXPLORE_PRICE = 0.25  # explore a draft that would pay if the extra rows cost this share of the estimate
 EXPLORE_SHARE = 0.01  # of each step's time, credited to exploration
 EXPLORE_START = 1.0  # plain steps of credit an Engine starts with (and at most holds)
+EXPLORE_DRAFT = 2  # explore with short drafts: the fitted scale carries what they show to long ones
+OFFSET_CARRIED = 0.5  # of the acceptance offset, into the next request (texts differ)
 PROBE_MAT = {4: 1.08, 10: 1.18, 30: 1.30, 60: 1.38}  # papers.md / the probing issue: one mask
 
 
@@ -166,7 +170,8 @@ class Auto(Strategy):
                 state.estimate = CostEstimate(self.profile)
             self.estimate = state.estimate
             self.policy.cost = list(self.estimate.table(self.max_draft + 1))
-            self.policy.acceptance.offset = state.offset
+            self.policy.acceptance.offset = OFFSET_CARRIED * state.offset
+            self.estimate.new_request()
             if state.overhead:
                 self.policy.overhead = dict(state.overhead)
         self.kinds = {"plain": 0, "draft": 0}
@@ -195,7 +200,8 @@ class Auto(Strategy):
             continues = [continues_word(piece(t)) for t in drafts[:policy.cap]]
             d = policy.choose(match, len(drafts), continues, lk.support)
             if d == 0 and self.state.credit > 0:
-                d = policy.choose(match, len(drafts), continues, lk.support, price=EXPLORE_PRICE)
+                d = min(policy.choose(match, len(drafts), continues, lk.support, price=EXPLORE_PRICE),
+                        EXPLORE_DRAFT)
                 explore = d > 0 and not self.estimate.tested(d + 1)
                 d = d if explore else 0
         if d == 0:
