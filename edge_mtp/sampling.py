@@ -4,6 +4,11 @@ The filters run in llama.cpp's default order (top-k, top-p, min-p on the untempe
 then temperature), and `distribution` exposes the exact probabilities that `sample` draws from, so
 speculative verifiers can reason about the same distribution that plain sampling uses.
 
+A sampled token is the inverse CDF of one uniform draw per emitted token (`draw`), so with a seed
+the token at a position depends only on its logits row and that position's draw, not on how the
+position was reached: a verifier that emits `draw`'s token and accepts the draft equal to it
+emits exactly what plain sampling would (token for token where rows are exact).
+
 Every emitted token is chosen here or by the verifier from one logits row; both report it to
 `Sampler.note`, so log-probabilities (OpenAI's `logprobs`) come from the very row each token was
 chosen from, whatever the strategy: with exact rows they are the same numbers for every strategy.
@@ -72,10 +77,15 @@ class Sampler:
         if self.params.greedy:
             token = int(np.argmax(logits))
         else:
-            ids, probs = self.distribution(logits)
-            token = int(ids[self.rng.choice(len(ids), p=probs)])
+            token = self.draw(*self.distribution(logits))
         self.note(logits, token)
         return token
+
+    def draw(self, ids: np.ndarray, probs: np.ndarray) -> int:
+        """The next position's token: one uniform, inverted through the cumulative probabilities
+        (candidates in `distribution`'s order)."""
+        i = int(np.searchsorted(np.cumsum(probs), self.rng.random(), side="right"))
+        return int(ids[min(i, len(ids) - 1)])
 
     def note(self, logits: np.ndarray, token: int) -> None:
         """`token` was chosen from this logits row (by __call__ or the verifier): record its

@@ -4,14 +4,14 @@ Greedy: walk from the root along the model's own argmax; a child whose token equ
 and the first argmax that no child matches is the bonus token. The accepted tokens are exactly what
 plain greedy decoding produces (the rows' logits are bit-identical to single-token decoding).
 
-Sampling (lossless): at each accepted node, with target distribution p (the sampler's own, after
-temperature/top-k/top-p/min-p), the children c_1..c_m are tried in order, each accepted with
-probability min(1, p(c_i) / q_i(c_i)); on rejection p becomes the residual norm(max(p - q_i, 0)).
-Our drafts are chosen deterministically (top candidates of the masks or n-gram matches), so q_i is
-the point mass on c_i: c_i is accepted with probability p(c_i) and the residual is p with c_i
-removed, renormalized (the multi-candidate rejection scheme of SpecInfer with one-hot drafts). If
-no child is accepted, the bonus token is drawn from the final residual. By induction every emitted
-token is distributed exactly as plain sampling from p, whatever the drafts were.
+Sampling (lossless): at each accepted node the sampler draws the token plain sampling would emit
+at that position (`Sampler.draw`: one uniform per emitted token, inverted through the target
+distribution p after temperature/top-k/top-p/min-p); the child carrying that token, if any, is
+accepted, else the drawn token is the bonus. Every emitted token is therefore distributed exactly
+as plain sampling from p, whatever the drafts were, and with a seed and exact rows it is the very
+token plain sampling emits. A child c is accepted with probability p(c), and a node's children
+together with the sum of their p: the acceptance of SpecInfer's multi-candidate rejection scheme
+with one-hot drafts (ours are chosen deterministically), coupled to plain's draws.
 """
 from __future__ import annotations
 
@@ -51,15 +51,6 @@ def verify(tree: TokenTree, logits: np.ndarray, row_of: np.ndarray, sampler: Sam
 
 
 def _sample_against(sampler: Sampler, logits: np.ndarray, kids: list[tuple[int, int]]):
-    """One step of the rejection scheme above; returns (token, accepted child or None)."""
-    ids, probs = sampler.distribution(logits)
-    probs = probs.copy()
-    for child, token in kids:
-        hit = np.flatnonzero(ids == token)
-        p = float(probs[hit[0]]) if len(hit) else 0.0
-        if p > 0 and sampler.rng.random() < p:
-            return token, child
-        if p > 0:
-            probs[hit[0]] = 0.0
-            probs /= probs.sum()
-    return int(ids[sampler.rng.choice(len(ids), p=probs)]), None
+    """The token plain sampling draws from this row, and the child carrying it (or None)."""
+    token = sampler.draw(*sampler.distribution(logits))
+    return token, next((child for child, t in kids if t == token), None)
