@@ -10,8 +10,10 @@ A model without a chat template (Gemma 3 270M base) gets the raw text instead, a
 the first turn as is, later turns after the earlier turns and answers, separated by blank lines.
 
 Sampled decoding (temperature > 0): every strategy decodes a turn with the same seed (the run's
-seed plus the turn's index); lossless speculative sampling keeps plain's distribution, not its
-tokens, so the equality is reported as "distribution-level" (token differences are only counted).
+seed plus the turn's index); the equality is reported as "distribution-level", what lossless
+speculative sampling promises in general. edge-mtp's verifier goes further (Sampler.draw: one
+uniform per emitted token, the drawn token emitted), so with exact rows its lossless strategies
+sample plain's very tokens and `mismatches` stays 0 for them; the peer samples with its own RNG.
 
 The peer (edge_mtp.peer, `--peer llama-server[:TYPES]`): stock llama-server, one process per spec
 type, decodes the same turns (the same prompt tokens, sampling settings and max tokens) right after
@@ -446,8 +448,9 @@ def markdown(results: dict) -> str:
             "plain. Servers: " + "; ".join(f"`{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}`"
                                           for cmd in results["peers"].values()) + "."]),
         *([] if results.get("equality", TOKENS) == TOKENS else [
-            "", "Sampled decoding: every strategy gets the same seed per turn; lossless speculative "
-            "sampling keeps plain's distribution, not its tokens, so equality is distribution-level."]),
+            "", "Sampled decoding: every strategy gets the same seed per turn; equality is "
+            "distribution-level (edge-mtp's lossless strategies, with exact rows, also sample "
+            "plain's very tokens: mismatches counts the turns that differ)."]),
         "",
         "## Speedup per subtask",
         "",

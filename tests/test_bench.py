@@ -133,6 +133,7 @@ def test_sampled_bench_gives_every_strategy_the_turns_seed(model_path, monkeypat
     assert len(texts) > 1
     assert res["temperature"] == 0.8 and res["seed"] == 11 and res["equality"] == "distribution-level"
     assert res["overall"]["plain-twin"]["mismatches"] == 0  # same seed, same sampler: same tokens
+    assert res["overall"]["lookup:4"]["mismatches"] == 0  # the verifier emits the drawn tokens too
     for rows in [*res["subtasks"].values(), res["overall"]]:
         for row in rows.values():
             assert row["identical_to_plain"] is None and row["equality"] == "distribution-level"
