@@ -5,7 +5,9 @@ POST /v1/chat/completions and /v1/completions take OpenAI's request fields plus 
 and min_p and a per-request `speculation` (a strategy such as "lookup" or "probe:10", true for the
 server's default, false for plain decoding); GET /v1/models, GET /health. Responses are OpenAI's,
 plus the Engine's `timings` and `speculation` blocks; streams are server-sent events in OpenAI's
-chunk format ending with `data: [DONE]`.
+chunk format ending with `data: [DONE]`. Content pieces produced within FLUSH_S of each other
+travel as one chunk (as OpenAI's own deltas vary in size): on 2 cores, waking the event loop and
+encoding an event per token took a share of the cores the model decodes on.
 
 One Engine runs one request at a time on one worker thread; up to max_queue more wait their turn
 and the next get 503 with Retry-After. Each request carries a cancel flag that the worker checks
@@ -38,6 +40,7 @@ from .strategies import make_strategy
 log = logging.getLogger("edge_mtp.server")
 MAX_BODY = 8 * 1024 * 1024  # bytes of one request body; a context of prompt text is far less
 RETRY_AFTER_S = 5
+FLUSH_S = 0.02  # a stream's chunks go to the event loop at most this often (the first at once)
 
 Number = Union[StrictInt, StrictFloat]
 
@@ -197,8 +200,8 @@ class Server:
     # -- one request -----------------------------------------------------------------------
     def run(self, job: Job, start: dict, stream: bool) -> None:
         """On the worker thread: set the request up, then run it step by step, stopping when the
-        client has gone. Puts ("error", exc) or ("ok", None), then chunks ("chunk", dict) when
-        streaming, then ("done", result) - result None when the client left - or ("error", exc)
+        client has gone. Puts ("error", exc) or ("ok", None), then ("chunks", [dict, ...]) when
+        streaming (every FLUSH_S at most), then ("done", result) - result None when the client left - or ("error", exc)
         if the backend failed midway."""
         try:
             if job.cancel.is_set():  # the client left while waiting
@@ -211,17 +214,23 @@ class Server:
                 return
             job.put(("ok", None))
             items = s.chunks() if stream else iter(s)
+            batch, flushed = [], 0.0
             try:
                 for item in items:
                     if job.cancel.is_set():
                         break
                     if stream:
-                        job.put(("chunk", item))
+                        batch.append(item)
+                        if time.perf_counter() - flushed >= FLUSH_S:
+                            job.put(("chunks", batch))
+                            batch, flushed = [], time.perf_counter()
             except Exception as e:  # noqa: BLE001
                 job.put(("error", e))
                 return
             finally:
                 items.close()
+            if batch and not job.cancel.is_set():
+                job.put(("chunks", batch))
             if job.cancel.is_set():
                 n = s.result["usage"]["completion_tokens"] if s.result else 0
                 job.state["info"] = f" client left after {n} tokens"
@@ -377,12 +386,12 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
                     if value is not None:
                         note(request, value)
                     break
-                chunk = dict(value)
-                usage = chunk.pop("usage", None)
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
-                if usage is not None and include_usage:
-                    yield {"data": json.dumps({k: chunk[k] for k in ("id", "object", "created", "model")}
-                                              | {"choices": [], "usage": usage}, ensure_ascii=False)}
+                for chunk in merged(value):
+                    usage = chunk.pop("usage", None)
+                    yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                    if usage is not None and include_usage:
+                        yield {"data": json.dumps({k: chunk[k] for k in ("id", "object", "created", "model")}
+                                                  | {"choices": [], "usage": usage}, ensure_ascii=False)}
             yield {"data": "[DONE]"}
         finally:
             job.cancel.set()  # a no-op when it finished; stops the generation when the client left
@@ -394,6 +403,30 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
                               f"finish={result['choices'][0]['finish_reason']}")
 
     return app
+
+
+def merged(chunks: list[dict]) -> list[dict]:
+    """Consecutive content chunks of one stream as one (their text and logprobs concatenated);
+    the role chunk and the last one (finish_reason, usage) stay apart. New dicts: the Engine's
+    are not changed."""
+    out: list[dict] = []
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        plain = choice["finish_reason"] is None and "usage" not in chunk and "role" not in choice.get("delta", {})
+        prev = out[-1]["choices"][0] if out and out[-1].get("_content") else None
+        if plain and prev is not None:
+            if "delta" in choice:
+                prev["delta"] = {"content": prev["delta"]["content"] + choice["delta"]["content"]}
+            else:
+                prev["text"] += choice["text"]
+            if choice["logprobs"] is not None:
+                prev["logprobs"] = {k: v + choice["logprobs"][k] for k, v in (prev["logprobs"] or {}).items()} \
+                    if prev["logprobs"] else choice["logprobs"]
+            continue
+        out.append({**chunk, "choices": [dict(choice)], "_content": plain})
+    for chunk in out:
+        del chunk["_content"]
+    return out
 
 
 def as_http(e: Exception) -> HTTPError:

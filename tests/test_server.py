@@ -271,3 +271,28 @@ def test_a_full_queue_answers_503_with_retry_after(model_path):
         assert sum(" 503 " in line for line in s.log) == 1  # one log line per request
     finally:
         s.close()
+
+
+def test_chunks_flushed_together_travel_as_one():
+    """Pieces produced within one flush interval are sent as one chunk: text and logprobs
+    concatenated in order; the role chunk and the last chunk stay apart; the inputs are kept."""
+    from edge_mtp.server import merged
+
+    def chunk(delta, lp=None, finish=None, **extra):
+        return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra}
+
+    role = chunk({"role": "assistant", "content": ""})
+    a = chunk({"content": "Hel"}, {"content": [{"token": "Hel"}]})
+    b = chunk({"content": "lo"}, {"content": [{"token": "lo"}]})
+    last = chunk({}, None, "stop", usage={"completion_tokens": 2})
+    out = merged([role, a, b, last])
+    assert [c["choices"][0]["delta"] for c in out] == [role["choices"][0]["delta"], {"content": "Hello"}, {}]
+    assert out[1]["choices"][0]["logprobs"] == {"content": [{"token": "Hel"}, {"token": "lo"}]}
+    assert out[2]["usage"] == {"completion_tokens": 2} and out[2]["choices"][0]["finish_reason"] == "stop"
+    assert a["choices"][0]["delta"] == {"content": "Hel"} and "_content" not in a
+    text = lambda t, lp: {"id": "c", "object": "text_completion", "created": 1, "model": "m",  # noqa: E731
+                          "choices": [{"index": 0, "text": t, "logprobs": lp, "finish_reason": None}]}
+    two = merged([text("a", {"tokens": ["a"], "text_offset": [0]}), text("b", {"tokens": ["b"], "text_offset": [1]})])
+    assert len(two) == 1 and two[0]["choices"][0]["text"] == "ab"
+    assert two[0]["choices"][0]["logprobs"] == {"tokens": ["a", "b"], "text_offset": [0, 1]}
