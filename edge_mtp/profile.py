@@ -62,11 +62,7 @@ class Profile:
 
     def cost_of(self, n: float) -> float:
         """Relative cost of n rows (linear between measured points, linear extrapolation past them)."""
-        rows, cost = self.rows, self.cost
-        if n <= rows[-1]:
-            return float(np.interp(n, rows, cost))
-        slope = (cost[-1] - cost[-2]) / (rows[-1] - rows[-2])
-        return cost[-1] + slope * (n - rows[-1])
+        return float(self.costs(np.array([n]))[0])
 
     def calibration_counts(self) -> bool:
         """Whether the calibrated curve gets a vote in the prior: it was trusted, and recent runs
@@ -108,7 +104,7 @@ class Profile:
                        self.late_layers, self.device, self.spread, self.trusted, self.dropped, self.runs)
 
     def costs(self, n: np.ndarray) -> np.ndarray:
-        """cost_of over an array of row counts."""
+        """cost_of for an array of row counts."""
         n = np.asarray(n, dtype=float)
         out = np.interp(n, self.rows, self.cost)
         slope = (self.cost[-1] - self.cost[-2]) / (self.rows[-1] - self.rows[-2])
@@ -156,10 +152,10 @@ class Profile:
 EXTRA_FLOOR = 0.05  # plain steps per extra row: a curve pricing rows at nothing still scales
 
 
-def extra_floor(extra: float, n: int) -> float:
+def extra_floor(extra, n):
     """A curve's extra cost of n rows, at least EXTRA_FLOOR per extra row (so that a scale fitted
-    against an optimistic curve, which prices every row at 0, still moves it)."""
-    return max(extra, EXTRA_FLOOR * (n - 1))
+    against an optimistic curve, which prices every row at 0, still moves it); arrays too."""
+    return np.maximum(extra, EXTRA_FLOOR * (np.asarray(n) - 1))
 
 
 def fit_scale(pairs, prior_weight: float) -> float:
@@ -366,19 +362,13 @@ class CostEstimate:
         self.plain_steps = min(self.plain_steps, 3)
 
     def cost(self, n: int) -> float:
-        if n <= 1:
-            return 1.0
-        base = 1.0 + self.scale * extra_floor(self.prior.cost_of(n) - 1.0, n)
-        if n not in self.seen:
-            return base
-        mean, k, _ = self.seen[n]
-        return (self.PRIOR_WEIGHT * base + k * mean) / (self.PRIOR_WEIGHT + k)
+        return float(self.table(n)[n])
 
     def table(self, max_rows: int) -> np.ndarray:
-        """cost[n] for n = 0..max_rows (what `cost` gives, for every n at once)."""
+        """cost[n] for n = 0..max_rows: the prior's shape times the fitted scale, blended per timed
+        count with its running mean."""
         n = np.arange(max_rows + 1)
-        extra = np.maximum(self.prior.costs(n) - 1.0, EXTRA_FLOOR * (n - 1))
-        out = 1.0 + self.scale * extra
+        out = 1.0 + self.scale * extra_floor(self.prior.costs(n) - 1.0, n)
         for m, (mean, k, _) in self.seen.items():
             if m <= max_rows:
                 out[m] = (self.PRIOR_WEIGHT * out[m] + k * mean) / (self.PRIOR_WEIGHT + k)
@@ -400,12 +390,9 @@ class CostEstimate:
         mean, k, _ = self.seen.get(n, (ratio, 0, 0))
         k = min(k + 1, 10)  # a running mean over about the last 10 timings of n rows
         self.seen[n] = [mean + (ratio - mean) / k, k, self.steps]
-        self.scale = fit_scale([(self.prior.cost_of(m) - 1.0, v[0] - 1.0, v[1], m)
-                                for m, v in self.seen.items()], self.PRIOR_WEIGHT)
-
-    def drift(self) -> float:
-        """How far this process's plain step is from the prior's (0.3: 30% slower)."""
-        return self.plain_ms / self.prior.step_ms - 1.0
+        timed = list(self.seen)
+        self.scale = fit_scale([(c - 1.0, self.seen[m][0] - 1.0, self.seen[m][1], m)
+                                for m, c in zip(timed, self.prior.costs(timed))], self.PRIOR_WEIGHT)
 
     def report(self) -> dict:
         timed = sorted(self.seen)

@@ -410,11 +410,12 @@ def merged(chunks: list[dict]) -> list[dict]:
     the role chunk and the last one (finish_reason, usage) stay apart. New dicts: the Engine's
     are not changed."""
     out: list[dict] = []
+    open_content = False  # the last chunk of out is a content chunk that more may join
     for chunk in chunks:
         choice = chunk["choices"][0]
-        plain = choice["finish_reason"] is None and "usage" not in chunk and "role" not in choice.get("delta", {})
-        prev = out[-1]["choices"][0] if out and out[-1].get("_content") else None
-        if plain and prev is not None:
+        content = choice["finish_reason"] is None and "usage" not in chunk and "role" not in choice.get("delta", {})
+        if content and open_content:
+            prev = out[-1]["choices"][0]
             if "delta" in choice:
                 prev["delta"] = {"content": prev["delta"]["content"] + choice["delta"]["content"]}
             else:
@@ -423,9 +424,8 @@ def merged(chunks: list[dict]) -> list[dict]:
                 prev["logprobs"] = {k: v + choice["logprobs"][k] for k, v in (prev["logprobs"] or {}).items()} \
                     if prev["logprobs"] else choice["logprobs"]
             continue
-        out.append({**chunk, "choices": [dict(choice)], "_content": plain})
-    for chunk in out:
-        del chunk["_content"]
+        out.append({**chunk, "choices": [dict(choice)]})
+        open_content = content
     return out
 
 

@@ -131,8 +131,6 @@ class AutoState:
     overhead: dict | None = None
     credit: float = EXPLORE_START  # exploration credit, plain steps
     requests: int = 0  # requests that taught this state
-    explored: int = 0  # exploration steps, all requests
-    explore_loss: float = 0.0  # their loss against plain steps, plain steps
     decode_cost: float = 0.0  # all decode steps' time, plain steps
 
 
@@ -237,8 +235,6 @@ class Auto(Strategy):
         if explore:
             loss = max(0.0, cost - tokens)  # what plain steps would have spent on these tokens
             state.credit -= loss
-            state.explore_loss += loss
-            state.explored += 1
             self.explored += 1
             self.explore_loss += loss
 
