@@ -106,6 +106,21 @@ class Counts:
         seconds = self.prompt_s + self.decode_s
         return self.tokens / seconds if seconds else 0.0
 
+    def rates(self, reference: "Tally", questions: int, equality: str, steps: int) -> tuple[dict, dict]:
+        """The fields every row has, in results.json's order (split around the timing fields)."""
+        ref_tps, ref_e2e = reference.tokens_per_second(), reference.end_to_end_tokens_per_second()
+        head = {"mat": round(self.tokens / steps, 4) if steps > 0 else 0.0,
+                "tokens_per_second": round(self.tokens_per_second(), 3),
+                "speedup": round(self.tokens_per_second() / ref_tps, 4) if ref_tps else 0.0,
+                "identical_to_plain": self.mismatches == 0 if equality == TOKENS else None,
+                "equality": equality, "mismatches": self.mismatches, "questions": questions,
+                "turns": self.turns, "tokens": self.tokens, "steps": steps}
+        tail = {"prompt_seconds": round(self.prompt_s, 4),
+                "end_to_end_tokens_per_second": round(self.end_to_end_tokens_per_second(), 3),
+                "end_to_end_speedup": (round(self.end_to_end_tokens_per_second() / ref_e2e, 4)
+                                       if ref_e2e else 0.0)}
+        return head, tail
+
 
 @dataclass
 class Tally(Counts):
@@ -135,29 +150,17 @@ class Tally(Counts):
 
     def summary(self, reference: "Tally", questions: int, equality: str = TOKENS) -> dict:
         orchestration_s = self.decode_s - self.model_s
-        ref_tps, ref_e2e = reference.tokens_per_second(), reference.end_to_end_tokens_per_second()
         per_step = 1e3 / self.decode_steps if self.decode_steps else 0.0
+        head, tail = self.rates(reference, questions, equality, self.steps)
         return {
-            "mat": round(self.tokens / self.steps, 4) if self.steps else 0.0,
-            "tokens_per_second": round(self.tokens_per_second(), 3),
-            "speedup": round(self.tokens_per_second() / ref_tps, 4) if ref_tps else 0.0,
-            "identical_to_plain": self.mismatches == 0 if equality == TOKENS else None,
-            "equality": equality,
-            "mismatches": self.mismatches,
-            "questions": questions,
-            "turns": self.turns,
-            "tokens": self.tokens,
-            "steps": self.steps,
+            **head,
             "decode_seconds": round(self.decode_s, 4),
             "model_seconds": round(self.model_s, 4),
             "orchestration_seconds": round(orchestration_s, 4),
             "orchestration_share": round(orchestration_s / self.decode_s, 4) if self.decode_s else 0.0,
             "model_ms_per_step": round(self.model_s * per_step, 3),
             "python_ms_per_step": round(orchestration_s * per_step, 3),
-            "prompt_seconds": round(self.prompt_s, 4),
-            "end_to_end_tokens_per_second": round(self.end_to_end_tokens_per_second(), 3),
-            "end_to_end_speedup": (round(self.end_to_end_tokens_per_second() / ref_e2e, 4)
-                                   if ref_e2e else 0.0),
+            **tail,
         }
 
 
@@ -191,19 +194,9 @@ class PeerTally(Counts):
     def summary(self, reference: Tally, questions: int, equality: str = TOKENS) -> dict:
         """Fields of a strategy row; MAT is derived (each accepted draft token saved one pass:
         passes = prompt pass + decode tokens - accepted), model/python split unknown (None)."""
-        ref_tps, ref_e2e = reference.tokens_per_second(), reference.end_to_end_tokens_per_second()
-        steps = self.turns + self.decode_tokens - self.accepted
+        head, tail = self.rates(reference, questions, equality, self.turns + self.decode_tokens - self.accepted)
         return {
-            "mat": round(self.tokens / steps, 4) if steps > 0 else 0.0,
-            "tokens_per_second": round(self.tokens_per_second(), 3),
-            "speedup": round(self.tokens_per_second() / ref_tps, 4) if ref_tps else 0.0,
-            "identical_to_plain": self.mismatches == 0 if equality == TOKENS else None,
-            "equality": equality,
-            "mismatches": self.mismatches,
-            "questions": questions,
-            "turns": self.turns,
-            "tokens": self.tokens,
-            "steps": steps,
+            **head,
             "drafted": self.drafted,
             "accepted": self.accepted,
             "acceptance": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
@@ -213,10 +206,7 @@ class PeerTally(Counts):
             "orchestration_share": None,
             "model_ms_per_step": None,
             "python_ms_per_step": None,
-            "prompt_seconds": round(self.prompt_s, 4),
-            "end_to_end_tokens_per_second": round(self.end_to_end_tokens_per_second(), 3),
-            "end_to_end_speedup": (round(self.end_to_end_tokens_per_second() / ref_e2e, 4)
-                                   if ref_e2e else 0.0),
+            **tail,
             "peer": True,
         }
 

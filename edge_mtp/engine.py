@@ -303,7 +303,7 @@ class Engine:
             options = dict(strategy_options or {})
         if strategy.partition(":")[0] == "auto":
             options.setdefault("state", self._auto)
-        gen = Generation(self.session, make_strategy(strategy, **options), sampler, tokens,
+        gen = Generation(self.session, make_strategy(strategy, self.model, **options), sampler, tokens,
                          max_tokens, stops)
         return Stream(self, gen, kind, logprobs=top_logprobs is not None)
 

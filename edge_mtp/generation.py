@@ -144,5 +144,4 @@ class Generation:
             "model_ms": round(self.model_s * 1e3, 3),
             "orchestration_ms": round((self.decode_s - self.model_s) * 1e3, 3),
             **self.strategy.stats(),
-            **self.strategy.exactness_stats(),
         }

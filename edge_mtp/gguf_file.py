@@ -18,6 +18,7 @@ from pathlib import Path
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ModelError
+from .gguf_meta import DmtdConfig, validate_dmtd
 
 VERSIONS = (2, 3)        # llama.cpp reads GGUF v2 and v3 (v1 is long gone)
 MAX_NAME = 63            # GGML_MAX_NAME - 1: longest tensor name llama.cpp accepts
@@ -53,7 +54,7 @@ class Header:
     tensors: list[TensorInfo] = field(default_factory=list)
     alignment: int = 32
     data_start: int = 0
-    dmtd: object = None              # gguf_meta.DmtdConfig after validate(), None otherwise
+    dmtd: DmtdConfig | None = None   # after check(): the validated dmtd.* split, if any
 
     @property
     def architecture(self) -> str | None:
@@ -252,7 +253,6 @@ def check(h: Header, name: str = "model") -> Header:
     """What a language model needs beyond a well-formed header: an architecture, a layer count
     with tensors for every layer, a token-embedding matrix whose rows match the vocabulary, and
     sane dmtd.* keys (h must have been scanned with the `checked` keys wanted)."""
-    from .gguf_meta import validate_dmtd
 
     def bad(msg: str):
         return ModelError(f"{name}: {msg}")

@@ -8,7 +8,6 @@ each key's type.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import ModelError
 
@@ -80,15 +79,6 @@ def validate_dmtd(values: dict, n_layer: int, source: str = "model") -> DmtdConf
     if keys[KEY_CYCLE] < 1:
         raise ModelError(f"{source}: dmtd.cycle must be >= 1, got {keys[KEY_CYCLE]}")
     return DmtdConfig(e, t, d, keys[KEY_CYCLE])
-
-
-def read_dmtd(path: str | Path) -> DmtdConfig | None:
-    """The validated DMTD split of a GGUF file, or None for a non-DMTD model."""
-    from .gguf_file import read_header
-
-    h = read_header(path, lambda key: key.startswith("dmtd."))
-    n_layer = h.fields.get(f"{h.architecture}.block_count", 0)
-    return validate_dmtd(h.fields, n_layer, Path(path).name)
 
 
 def dmtd_from_hf_config(config: dict, cycle: int | None = None,

@@ -1,16 +1,12 @@
 """Device profile: what one forward pass of n rows costs on this machine, relative to one row.
 
-Speculation pays only if the extra rows of a verification pass cost less than the tokens they win
-(measured-facts.md: on 2 cores 8 rows cost 4.7 single steps for a Q4_1 model, 1.8 for its F32
-twin). `auto` reads this curve to decide, so it is measured, not assumed: a tree decode of n rows
-(n on a grid up to 64) after a 256-token context, plus the graph rebuild it costs the plain step
-after it, divided by the plain one-token step timed just before it; the median of these ratios
-over several interleaved rounds (taking the fastest round of each instead swung the 2-row cost of
-the F32 twin between 1.16 and 1.53 from one calibration to the next). A pair whose plain step was
-disturbed (another process took the core) is thrown away; a calibration that lost too many, or
-whose plain steps spread too widely, is cached as untrusted and taken again by the next process
-that needs it. Profiles are cached per model file, thread count, backend build and numeric mode
-(exact rows and flash attention change the kernels, and so the cost).
+Speculation pays only if the extra rows of a verification pass cost less than the tokens they
+win, so `auto` decides by a measured curve: a tree decode of n rows (n on a grid up to 64) after a
+256-token context, plus the graph rebuild it costs the next plain step, divided by the plain step
+timed just before it; the median of these ratios over interleaved rounds. A pair whose plain step
+was disturbed (another process took the core) is thrown away; a calibration that lost too many,
+or whose plain steps spread too widely, is cached as untrusted and taken again by the next process
+that needs it. Profiles are cached per model file, threads, backend build and numeric mode.
 
 A calibration is one snapshot of a machine whose state moves, so it is only the prior: auto's
 `CostEstimate` re-prices rows from every step it times and writes what it saw back into the
@@ -244,17 +240,16 @@ def _measure(session: Session, rounds: int, late_layers: tuple[int, ...], progre
 
     def rows(n: int) -> float:
         t0 = time.perf_counter()
-        session.decode_tree(chains[n], parents[n])
+        session.decode(chains[n], parents[n])
         dt = time.perf_counter() - t0
         session.commit([])
         return dt
 
     def late(d: int) -> float:
-        session.set_layers(model.n_layer - d)
-        t0 = time.perf_counter()
-        session.decode_rows(embd=np.zeros((1, model.n_embd), np.float32))
-        dt = time.perf_counter() - t0
-        session.set_layers()
+        with session.layer_range(model.n_layer - d):
+            t0 = time.perf_counter()
+            session.decode(embd=np.zeros((1, model.n_embd), np.float32), logits="all")
+            dt = time.perf_counter() - t0
         session.truncate(CONTEXT)
         return dt
 
@@ -430,7 +425,7 @@ def row_noise(session: Session) -> float:
         rows = rng.integers(100, vocab, NOISE_ROWS).tolist()
         with scratch(session, len(context) + NOISE_ROWS) as s:
             s.prefill(context)
-            batch = s.decode(rows, all_logits=True).copy()
+            batch = s.decode(rows, logits="all").copy()
             s.truncate(len(context))
             single = np.stack([s.decode([t])[-1].copy() for t in rows])
         _ROW_NOISE[key] = float(np.abs(batch - single).max())
@@ -440,10 +435,13 @@ def row_noise(session: Session) -> float:
 _REMEASURED: set[str] = set()
 
 
-def get_profile(session: Session, late_layers: tuple[int, ...] = ()) -> Profile:
+def get_profile(session: Session, late_layers: tuple[int, ...] = ()) -> Profile | None:
     """The cached profile of this session's model and mode, measured now if there is none, it
     lacks a late-layer pass that is asked for, or it was not trusted (once per process: a machine
-    that stays busy keeps an untrusted profile, which the live estimate then corrects)."""
+    that stays busy keeps an untrusted profile, which the live estimate then corrects); None when
+    the session's context is too small to calibrate in."""
+    if session.n_ctx < CONTEXT + GRID[-1] + 1:
+        return None
     prof = load_profile(session)
     missing = prof is None or any(str(d) not in prof.late_layers for d in late_layers)
     if missing or (not prof.trusted and prof.key not in _REMEASURED):

@@ -1,5 +1,5 @@
 """The token tree every speculative strategy builds: rows of draft tokens and synthesized embedding
-rows (probing masks) under one root, laid out breadth-first for one `Session.decode_tree` call.
+rows (probing masks) under one root, laid out breadth-first for one tree decode (`Session.decode` with parents).
 
 Rows are added in any order that puts a parent before its children; `layout()` sorts them by depth
 (llama.cpp wants non-decreasing positions) and remaps the parent indices.
@@ -32,6 +32,15 @@ class TokenTree:
             self.children.setdefault(parent, []).append(len(self.tokens) - 1)
         return len(self.tokens) - 1
 
+    @classmethod
+    def chain(cls, root: int, drafts) -> "TokenTree":
+        """The root and its drafts as one chain (a lookup draft)."""
+        tree = cls()
+        parent = tree.add(root, -1)
+        for t in drafts:
+            parent = tree.add(t, parent)
+        return tree
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -51,11 +60,3 @@ class TokenTree:
             rows[is_embd] = self.embd
             embd = rows[order][tokens == EMBD]
         return tokens, parents, embd, row_of
-
-    def path_to(self, node: int) -> list[int]:
-        """Inserted-node indices from the root to `node`."""
-        path = []
-        while node >= 0:
-            path.append(node)
-            node = self.parents[node]
-        return path[::-1]

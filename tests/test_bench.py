@@ -8,7 +8,7 @@ import pytest
 
 from edge_mtp import Engine, bench
 from edge_mtp.strategies import STRATEGIES
-from edge_mtp.strategies.plain import Plain
+from edge_mtp.strategies.speculative import Speculative
 
 CLI = [sys.executable, "-m", "edge_mtp.cli"]
 
@@ -72,10 +72,12 @@ def test_bench_cli_writes_results(tmp_path, model_path):
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-class OffByOne(Plain):
+class OffByOne(Speculative):
     """Plain decoding that emits the token after the model's choice: never identical to plain."""
 
-    name = "off-by-one"
+    def __init__(self):
+        super().__init__()
+        self.name = "off-by-one"
 
     def step(self, session, sampler, pending):
         return [(super().step(session, sampler, pending)[0] + 1) % session.model.n_vocab]
@@ -114,10 +116,12 @@ def test_bench_bad_arguments_one_line(tmp_path, case):
 
 
 # -- sampled decoding ----------------------------------------------------------------------------
-class PlainTwin(Plain):
+class PlainTwin(Speculative):
     """Plain under another name: with the same seed per turn it must sample plain's very tokens."""
 
-    name = "plain-twin"
+    def __init__(self):
+        super().__init__()
+        self.name = "plain-twin"
 
 
 def test_sampled_bench_gives_every_strategy_the_turns_seed(model_path, monkeypatch):

@@ -7,6 +7,7 @@ greedy tokens are a real check, not luck at near-ties.
 """
 import importlib.util
 import json
+from pathlib import Path
 
 import gguf
 import pytest
@@ -15,7 +16,8 @@ from edge_mtp import Engine
 from edge_mtp.backend import Model, Session
 from edge_mtp.errors import ModelError, RequestError
 from edge_mtp.generation import Generation
-from edge_mtp.gguf_meta import DmtdConfig, dmtd_from_hf_config, read_dmtd, validate_dmtd
+from edge_mtp.gguf_file import read_header
+from edge_mtp.gguf_meta import DmtdConfig, dmtd_from_hf_config, validate_dmtd
 from edge_mtp.sampling import Sampler, SamplingParams
 from edge_mtp.strategies.dmtd import Dmtd
 
@@ -70,6 +72,12 @@ def test_bad_dmtd_metadata_is_refused_with_one_line(change, message):
     with pytest.raises(ModelError, match=message) as e:
         validate_dmtd(values, 4, "m.gguf")
     assert "\n" not in str(e.value) and str(e.value).startswith("m.gguf: ")
+
+
+def read_dmtd(path) -> DmtdConfig | None:
+    """The validated DMTD split in a GGUF file's header (the only part these files have)."""
+    h = read_header(path, lambda key: key.startswith("dmtd."))
+    return validate_dmtd(h.fields, h.fields.get(f"{h.architecture}.block_count", 0), Path(path).name)
 
 
 def test_dmtd_metadata_round_trips_through_a_gguf(tiny_dmtd, tmp_path):

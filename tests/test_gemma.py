@@ -50,8 +50,8 @@ def test_embedding_rows_equal_token_rows_with_gemma_scaling(gemma):
     s.prefill(gemma.tokenize("Once upon a time"))
     toks = np.array(gemma.tokenize(" there was a dragon", special=False), dtype=np.int32)
     chain = np.arange(len(toks), dtype=np.int32) - 1
-    as_tokens = s.decode_tree(toks, chain).copy()
+    as_tokens = s.decode(toks, chain).copy()
     s.commit([])
-    as_embd = s.decode_tree(np.full(len(toks), -1, np.int32), chain, embd=gemma.model.input_rows(toks))
+    as_embd = s.decode(np.full(len(toks), -1, np.int32), chain, embd=gemma.model.input_rows(toks))
     np.testing.assert_array_equal(as_embd, as_tokens)
     s.commit([])

@@ -23,6 +23,15 @@ def reachable(tree) -> set[int]:
     return seen
 
 
+def path_to(tree, node: int) -> list[int]:
+    """Inserted-node indices from the root to `node`."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = tree.parents[node]
+    return path[::-1]
+
+
 def test_tree_gives_each_lookahead_row_the_papers_attention():
     """Level j of column i sits at depth i + j and sees the root, level 0 up to column i and the
     lower levels of column i; pooled n-grams share prefixes; the verifier sees only them."""
@@ -41,7 +50,7 @@ def test_tree_gives_each_lookahead_row_the_papers_attention():
             row = rows[j][i]
             assert tree.tokens[row] == (7 if (i, j) == (0, 0) else s.window[j][i])
             assert tree.depths[row] == i + j
-            assert tree.path_to(row) == rows[0][:i + 1] + [rows[k][i] for k in range(1, j + 1)]
+            assert path_to(tree, row) == rows[0][:i + 1] + [rows[k][i] for k in range(1, j + 1)]
 
 
 def test_pool_keeps_the_latest_g_ngrams_per_first_token():

@@ -59,11 +59,11 @@ def test_token_rows_embedding_rows_and_mixed_rows_agree(model):
     chain = np.arange(len(toks), dtype=np.int32) - 1
     s = session(model)
     s.prefill(prompt)
-    as_tokens = s.decode_tree(toks, chain).copy()
-    as_embd = s.decode_tree(np.full(len(toks), -1, np.int32), chain, embd=model.input_rows(toks)).copy()
+    as_tokens = s.decode(toks, chain).copy()
+    as_embd = s.decode(np.full(len(toks), -1, np.int32), chain, embd=model.input_rows(toks)).copy()
     mixed = toks.copy()
     mixed[1::2] = -1
-    as_mixed = s.decode_tree(mixed, chain, embd=model.input_rows(toks[1::2])).copy()
+    as_mixed = s.decode(mixed, chain, embd=model.input_rows(toks[1::2])).copy()
     np.testing.assert_array_equal(as_embd, as_tokens)
     np.testing.assert_array_equal(as_mixed, as_tokens)
     np.testing.assert_array_equal(as_tokens, sequential_logits(model, prompt, toks))
@@ -74,7 +74,7 @@ def test_tree_rows_equal_decoding_each_path_token_by_token(model):
     toks = np.random.default_rng(0).integers(100, model.n_vocab - 1, size=len(PARENTS)).astype(np.int32)
     s = session(model)
     s.prefill(prompt)
-    tree = s.decode_tree(toks, PARENTS).copy()
+    tree = s.decode(toks, PARENTS).copy()
     for i in range(len(PARENTS)):
         ref = sequential_logits(model, prompt, toks[path_to(PARENTS, i)])[-1]
         assert np.abs(tree[i] - ref).max() <= 1e-3, f"node {i}"
@@ -87,7 +87,7 @@ def test_commit_then_greedy_equals_plain_decoding(model, accepted):
     toks = np.random.default_rng(1).integers(100, model.n_vocab - 1, size=len(PARENTS)).astype(np.int32)
     s = session(model)
     s.prefill(prompt)
-    logits = s.decode_tree(toks, PARENTS)
+    logits = s.decode(toks, PARENTS)
     nxt = int(logits[accepted[-1]].argmax()) if accepted else 42
     s.commit(accepted)
     kept = [int(t) for t in toks[accepted]]
@@ -100,7 +100,7 @@ def test_commit_then_greedy_equals_plain_decoding(model, accepted):
 def test_commit_rejects_a_non_path(model):
     s = session(model)
     s.prefill(model.tokenize(PROMPT))
-    s.decode_tree(np.arange(100, 115, dtype=np.int32), PARENTS)
+    s.decode(np.arange(100, 115, dtype=np.int32), PARENTS)
     with pytest.raises(RequestError, match="path"):
         s.commit([0, 3])  # 3's parent is 1
     s.commit([0, 1])
@@ -112,7 +112,7 @@ def test_tree_that_does_not_fit_is_refused_and_cache_intact(model):
     prompt = list(range(200, 200 + s.n_ctx - 9))  # llama.cpp may round n_ctx up
     s.prefill(prompt)
     with pytest.raises(RequestError, match="context full"):
-        s.decode_tree(np.arange(100, 115, dtype=np.int32), PARENTS)
+        s.decode(np.arange(100, 115, dtype=np.int32), PARENTS)
     assert s.tokens == prompt
     ref = session(model, n_ctx=64)
     ref.prefill(prompt)
@@ -123,11 +123,11 @@ def test_bad_trees_are_refused(model):
     s = session(model)
     s.prefill(model.tokenize(PROMPT))
     with pytest.raises(RequestError):
-        s.decode_tree([1, 2, 3], [-1, 1, 0])  # a row cannot be its own parent
+        s.decode([1, 2, 3], [-1, 1, 0])  # a row cannot be its own parent
     with pytest.raises(RequestError):
-        s.decode_tree([1, 2, 3], [-1, 0, -1])  # depth 0 after depth 1: not breadth-first
+        s.decode([1, 2, 3], [-1, 0, -1])  # depth 0 after depth 1: not breadth-first
     with pytest.raises(RequestError):
-        s.decode_tree([1, -1], [-1, 0])  # embedding row without an embedding
+        s.decode([1, -1], [-1, 0])  # embedding row without an embedding
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -138,18 +138,18 @@ def test_layer_split_equals_full_forward(model, k):
     toks = model.tokenize(" there lived a king", add_bos=False)
     ref = session(model)
     ref.prefill(prompt)
-    full, _ = ref.decode_rows(tokens=toks)
-    full = full.copy()
+    full = ref.decode(toks, logits="all").copy()
     s = session(model)
     s.prefill(prompt)
-    s.set_layers(0, k)
-    _, h = s.decode_rows(tokens=toks, hidden=k)
+    with s.layer_range(0, k):
+        s.decode(toks, hidden=k)
+        h = s.hidden_rows(k)
     s.truncate(len(prompt))  # frees the cells (their K/V stay) so the upper half reuses them
-    s.set_layers(k)
-    upper, _ = s.decode_rows(embd=h)
+    with s.layer_range(k):
+        upper = s.decode(embd=h, logits="all")
     np.testing.assert_array_equal(upper, full)
+    assert s.tokens[len(prompt):] == [-1] * len(toks)  # cells of a partial range: never prompt cache
     s.tokens[len(prompt):] = toks
-    s.set_layers(0)
     assert greedy(s, 7, 16) == greedy(ref, 7, 16)
 
 
@@ -159,12 +159,15 @@ def test_gate_matches_numpy_reference(model):
     toks = model.tokenize(" there lived a wise old king", add_bos=False)
     s = session(model)
     s.prefill(prompt)
-    _, h_think = s.decode_rows(tokens=toks, hidden=il_gate)
+    s.decode(toks, hidden=il_gate)
+    h_think = s.hidden_rows(il_gate)
     s.truncate(len(prompt))
-    _, h_enc = s.decode_rows(tokens=toks, hidden=0)
+    s.decode(toks, hidden=0)
+    h_enc = s.hidden_rows(0)
     s.truncate(len(prompt))
     m = (np.arange(len(toks)) % 2 == 0).astype(np.float32)
-    _, gated = s.decode_rows(tokens=toks, gate=m, gate_layers=(il_gate, 0), hidden=il_gate)
+    s.decode(toks, gate=(m, il_gate, 0), hidden=il_gate)
+    gated = s.hidden_rows(il_gate)
     np.testing.assert_array_equal(gated, h_enc + m[:, None] * h_think)
     np.testing.assert_array_equal(h_enc, model.input_rows(toks))
 
@@ -172,19 +175,20 @@ def test_gate_matches_numpy_reference(model):
 def test_hidden_state_outside_the_range_is_refused(model):
     s = session(model)
     s.prefill(model.tokenize(PROMPT))
-    s.set_layers(0, 2)
-    with pytest.raises(RequestError, match="not computed"):
-        s.decode_rows(tokens=[5], hidden=3)
-    with pytest.raises(RequestError, match="bad layer range"):
-        s.set_layers(3, 2)
+    with s.layer_range(0, 2), pytest.raises(RequestError, match="not computed"):
+        s.decode([5], hidden=3)
+    assert s.layers == (0, model.n_layer)  # left by an error: all layers again
+    with pytest.raises(RequestError, match="bad layer range"), s.layer_range(3, 2):
+        pass
 
 
 def test_unsupported_architecture_refuses_a_layer_range(tiny_model_path):
     """mistral3's graph builder has no range support: a clear error, never wrong output."""
     s = Session(Model(tiny_model_path("mistral3")), n_ctx=128, n_threads=2)
-    with pytest.raises(RequestError, match="does not support layer ranges"):
-        s.set_layers(0, 2)
-    s.set_layers(0)  # the full range is every builder's own graph
+    with pytest.raises(RequestError, match="does not support layer ranges"), s.layer_range(0, 2):
+        pass
+    with s.layer_range(0):  # the full range is every builder's own graph
+        s.decode([5])
 
 
 def test_native_checks_hold_without_graph_reuse():

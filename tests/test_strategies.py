@@ -206,7 +206,7 @@ def test_trees_near_the_end_of_the_context(model_path, strategy):
 
 def test_two_masks_chain_attention():
     """With k = 2, mask 2's parent is mask 1 (it sees its owner's path and mask 1)."""
-    s = make_strategy("probe:6", masks=2)
+    s = make_strategy("probe:6", masks=2).drafter
     s.masks.vectors = np.zeros((2, 4), np.float32)
     tree = TokenTree()
     root = tree.add(7, -1)
@@ -219,7 +219,7 @@ def test_two_masks_chain_attention():
 def test_dynamic_tree_picks_the_highest_cumulative_probabilities():
     """k = 2, BC = 12 (3 nodes): P(node) = P(parent) * p_mask(token), best first, repeats of the
     parent pruned; here the third node hangs under the second-best depth-1 node."""
-    s = make_strategy("probe:12", masks=2, tree="dynamic")
+    s = make_strategy("probe:12", masks=2, tree="dynamic").drafter
     s.masks.proposal = [(np.array([5, 6, 7, 8]), np.array([0.5, 0.32, 0.1, 0.05])),  # depth 1
                         (np.array([5, 8, 9, 1]), np.array([0.6, 0.35, 0.04, 0.01]))]  # depth 2
     tree = TokenTree()
@@ -228,7 +228,7 @@ def test_dynamic_tree_picks_the_highest_cumulative_probabilities():
     picked = [(tree.tokens[n], tree.tokens[tree.parents[n]]) for n in nodes]
     # 5 (0.5), 6 (0.32), 5 under 6 (0.192) beat 8 under 5 (0.175); 5 under 5 (0.3) is pruned
     assert picked == [(5, 7), (6, 7), (5, 6)]
-    static = make_strategy("probe:12", masks=2)  # top-1 expansion [2, 1] for comparison
+    static = make_strategy("probe:12", masks=2).drafter  # top-1 expansion [2, 1] for comparison
     static.masks.proposal = s.masks.proposal
     tree = TokenTree()
     nodes = static._static_nodes(tree, tree.add(7, -1))
@@ -275,3 +275,19 @@ def test_bad_budgets_are_refused(engine, spec):
 
     with pytest.raises(RequestError):
         engine.generate("Hi", max_tokens=2, strategy=spec)
+
+
+@pytest.mark.parametrize("strategy,options", [("plain", {}), ("lookup", {}), ("probe", {}),
+                                              ("probe:12", {"masks": 2}), ("hybrid", {}),
+                                              ("lookahead:8", {}), ("auto", {})])
+def test_every_strategy_evaluates_the_prompt_in_one_pass(engine, strategy, options):
+    """The prompt is one forward pass for every strategy: probing masks ride in it (they used to
+    cost a second pass over the prompt's end); calibration and row noise use scratch contexts."""
+    session = engine.session
+    session.clear()
+    prompt = engine.tokenize("The three primary colors are red, yellow and blue. They are")
+    strategy = make_strategy(strategy, engine.model, **options)
+    before = session.passes
+    logits = strategy.prefill(session, prompt)
+    assert session.passes - before == 1 and session.tokens == prompt
+    assert logits.shape == (engine.model.n_vocab,)

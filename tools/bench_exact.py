@@ -74,7 +74,7 @@ def print_curve(sessions: dict, prompt: list[int], runs: int, clock) -> None:
     def one(s: Session, n: int) -> float:
         toks = rng.integers(100, s.model.n_vocab - 1, size=n)
         t0 = clock()
-        s.decode(toks, all_logits=True)
+        s.decode(toks, logits="all")
         dt = clock() - t0
         s.truncate(base)
         return dt

@@ -38,7 +38,7 @@ def main() -> None:
     def ordinary(n: int) -> float:
         toks = rng.integers(100, model.n_vocab - 1, size=n)
         t0 = time.perf_counter()
-        s.decode(toks, all_logits=True)
+        s.decode(toks, logits="all")
         dt = time.perf_counter() - t0
         s.truncate(base)
         return dt
@@ -47,7 +47,7 @@ def main() -> None:
         toks = rng.integers(100, model.n_vocab - 1, size=n).astype(np.int32)
         parents = ((np.arange(n) - 1) // 2).astype(np.int32)  # a binary tree, breadth-first
         t0 = time.perf_counter()
-        s.decode_tree(toks, parents)
+        s.decode(toks, parents)
         dt = time.perf_counter() - t0
         s.commit([])
         return dt

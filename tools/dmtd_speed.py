@@ -82,7 +82,6 @@ def pass_costs(session: Session, cfg: DmtdConfig, prompt: list[int], taus, reps:
     prompt's context length (every pass is undone before the next)."""
     model, n = session.model, len(prompt)
     session.truncate(0)
-    session.set_layers(0)
     session.prefill(prompt)
     tok = prompt[-1]
 
@@ -93,20 +92,18 @@ def pass_costs(session: Session, cfg: DmtdConfig, prompt: list[int], taus, reps:
     def head(tau):
         gate = np.zeros(tau, dtype=np.float32)
         gate[-1] = 1
-        session.decode_rows(embd=model.input_rows([tok] * tau), gate=gate,
-                            gate_layers=(cfg.late_start, cfg.encoding_layers), last_only=True)
+        session.decode(embd=model.input_rows([tok] * tau), gate=(gate, cfg.late_start, cfg.encoding_layers))
         session.truncate(n)
 
     def late():
-        session.decode_rows(embd=model.input_rows([tok]), last_only=True)
+        session.decode(embd=model.input_rows([tok]))
         session.truncate(n)
 
     out = {"plain": timed(plain, reps)}
     for tau in taus:
         out[f"head{tau}"] = timed(lambda: head(tau), reps)
-    session.set_layers(cfg.late_start)
-    out["late"] = timed(late, reps)
-    session.set_layers(0)
+    with session.layer_range(cfg.late_start):
+        out["late"] = timed(late, reps)
     return out
 
 

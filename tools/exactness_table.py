@@ -34,7 +34,7 @@ def batch_vs_sequential(session: Session, context, tokens, sizes=SIZES) -> dict[
     out = {}
     for n in sizes:
         session.truncate(base)
-        batch = session.decode(tokens[:n], all_logits=True)
+        batch = session.decode(tokens[:n], logits="all")
         out[n] = (float(np.abs(batch - alone[:n]).max()),
                   int((batch.argmax(1) != alone[:n].argmax(1)).sum()))
     session.truncate(base)

@@ -66,7 +66,9 @@ class Replay:
     def __getattr__(self, name):
         return getattr(self.session, name)
 
-    def decode_tree(self, tokens, parents, embd=None):
+    def decode(self, tokens=None, parents=None, *, embd=None, **kw):
+        if parents is None:  # a causal chain (a plain step): decoded as it is
+            return self.session.decode(tokens, embd=embd, **kw)
         tokens, parents, truth, at = np.asarray(tokens), np.asarray(parents), self.truth, self.session.n_past
         if tokens[0] != truth[at]:
             raise RuntimeError(f"replay left the greedy text at position {at}")
@@ -86,7 +88,7 @@ class Replay:
         sub_tokens = tokens[rows]
         sub_parents = [-1] + [rows.index(int(parents[r])) for r in rows[1:]]
         sub_embd = embd[embd_of_row[rows][sub_tokens < 0]] if (sub_tokens < 0).any() else None
-        logits = self.session.decode_tree(sub_tokens, sub_parents, sub_embd)
+        logits = self.session.decode(sub_tokens, sub_parents, embd=sub_embd)
         for j in range(min(len(path), len(truth) - at - 1)):
             if int(np.argmax(logits[j])) != truth[at + j + 1]:
                 raise RuntimeError(f"row {j} of a replayed tree disagrees with the greedy text")

@@ -5,6 +5,7 @@ that shares a prefix with what was evaluated before re-uses those cells instead 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
@@ -25,14 +26,10 @@ class Session:
     """One llama.cpp context.
 
     Lossless speculation needs every row of a verification batch to compute exactly what the same
-    token computes when decoded alone. On CPU two defaults make that hold (docs/exactness.md):
-    flash attention on (without it rows differ by up to ~0.7 in logits on the default model) and
-    exact rows on (patches P4-P6: every row of every batch sums as the one-row kernels do; without it
-    one-row decodes past 512 cached tokens split the KV across threads, batches of 64+ rows use a
-    tiled attention kernel, and matmuls of 2+ rows go through llamafile's sgemm (F32, F16, BF16,
-    Q8_0, Q4_0, Q5_0), repacked-weight gemm (Q4_0, Q4_K, IQ4_NL) or tiled K-quant kernels, each
-    summing in another order). Prompts are evaluated the same way, so a row's value never depends
-    on how the prompt and drafts were cut into batches.
+    token computes when decoded alone. On CPU two defaults make that hold: flash attention on and
+    exact rows on (patches P4-P9: every row of every batch sums as the one-row kernels do, prompts
+    included, so a row's value never depends on how prompt and drafts were cut into batches);
+    docs/exactness.md says what stock llama.cpp does instead and what it costs.
     """
 
     def __init__(self, model: Model, n_ctx: int = 4096, n_threads: int | None = None,
@@ -62,6 +59,8 @@ class Session:
         self.mem = ll.llama_get_memory(self.ctx)
         self.tokens: list[int] = []  # what the KV cache holds, position i = tokens[i]
         self.model_s = 0.0  # time spent inside llama.cpp decode calls, for the stats
+        self.passes = 0  # forward passes run (decode calls)
+        self._rows = 0  # rows of the last decode
         self._tree: np.ndarray | None = None  # token ids of a decoded, not yet committed tree
         self._ebatch = None  # embedding-row batch, made on first use
         self.layers = (0, model.n_layer)  # layer range the next decodes run (native patch P3)
@@ -97,44 +96,115 @@ class Session:
         n_ctx up to a multiple of 256, so a small context can hold more than n_batch rows)."""
         return min(self.n_ctx - self.n_past, self.n_batch)
 
-    # -- decoding --------------------------------------------------------------------------
-    def decode(self, tokens, all_logits: bool = False) -> np.ndarray:
-        """Append tokens (at most n_batch) after the cached ones; return their logits.
+    # -- decoding: one entry point ---------------------------------------------------------
+    def decode(self, tokens=None, parents=None, *, embd: np.ndarray | None = None, gate=None,
+               hidden: int | None = None, logits="last") -> np.ndarray:
+        """Decode rows after the cached tokens in one forward pass; return a view of their logits
+        (rows with logits, n_vocab) into llama.cpp's buffer, valid until the next decode.
 
-        Returns a view (n_outputs, n_vocab) into llama.cpp's buffer: valid until the next decode.
-        Only the last row has logits unless all_logits.
+        tokens: token ids, -1 for each embedding row of `embd` (n_embd floats: e.g. a probing mask;
+        the input of the range's first layer); embd alone: all rows are embedding rows. Without
+        parents the rows are a causal chain and join the cache at once; with parents (parents[i]
+        < i, -1: a child of the last cached token, breadth-first order) a token tree (patch P2)
+        whose row i sits at n_past + depth(i), sees the cache, its ancestors and itself, and stays
+        pending until `commit(path)`. gate = (values, il_gate, il_src): layer il_gate's input
+        becomes h(il_src) + value * h(il_gate), per row (DMTD, P3). hidden = l: keep every row's
+        input of layer l for `hidden_rows`. logits: "last", "all" (a tree's default) or a mask.
+
+        The invariants live here once: a pending tree is closed first, the rows fit a batch and the
+        context, a failed decode leaves the cache as it was, and cells plain decoding would not
+        have written alike (embedding rows, a partial range, a gate) are recorded as -1, so no
+        later prompt re-uses them.
         """
+        if tokens is None:
+            if embd is None:
+                raise RequestError("give token ids or embedding rows")
+            tokens = np.full(len(embd), -1, dtype=np.int32)
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         n = len(tokens)
-        if n == 0 or n > self.n_batch:
-            raise RequestError(f"a decode takes 1..{self.n_batch} tokens, got {n}")
         if self._tree is not None:
             self.commit([])
-        if self._hidden_on:
-            self._hidden_outputs(set())
+        if n == 0 or n > self.n_batch:
+            raise RequestError(f"a decode takes 1..{self.n_batch} rows, got {n}")
         if self.n_past + n > self.n_ctx:
-            raise RequestError(f"context full: {self.n_past} + {n} tokens > n_ctx {self.n_ctx}")
+            raise RequestError(f"context full: {n} rows after {self.n_past} tokens do not fit n_ctx {self.n_ctx}")
+        is_embd = tokens < 0
+        n_embd_rows = 0 if embd is None else len(embd)
+        if n_embd_rows != int(is_embd.sum()):
+            raise RequestError(f"{int(is_embd.sum())} embedding rows but {n_embd_rows} embeddings given")
+        if parents is not None:
+            parents = np.ascontiguousarray(parents, dtype=np.int32)
+            if parents.shape != (n,) or np.any(parents >= np.arange(n)) or np.any(parents < -1):
+                raise RequestError("a tree needs one parent per row: an earlier row or -1")
+            depth = tree_depths(parents)
+            if np.any(np.diff(depth) < 0):
+                raise RequestError("tree rows must be in breadth-first order (non-decreasing depth)")
+            if gate is not None or self.layers != (0, self.model.n_layer):
+                raise RequestError("a tree decodes every layer, ungated")
+            if isinstance(logits, str) and logits == "last":
+                logits = "all"
+        start, end = self.layers
+        if hidden is not None and not (start <= hidden < end or hidden == end < self.model.n_layer):
+            raise RequestError(f"hidden state of layer {hidden} is not computed by layers [{start}, {end})")
+        self._hidden_outputs({hidden} if hidden is not None else set())
+        if is_embd.any():
+            batch, view = self._embedding_batch()
+            view[:n][is_embd] = embd
+            if (~is_embd).any():
+                view[:n][~is_embd] = self.model.input_rows(tokens[~is_embd])
+            pos, out = self._epos, self._eout
+        else:
+            batch, pos, out = self.batch, self._pos, self._out
+            self._tok[:n] = tokens
         p0 = self.n_past
-        self._tok[:n] = tokens
-        self._pos[:n] = np.arange(p0, p0 + n, dtype=np.int32)
-        self._out[:n] = 1 if all_logits else 0
-        self._out[n - 1] = 1
-        self.batch.n_tokens = n
+        pos[:n] = p0 + (depth if parents is not None else np.arange(n, dtype=np.int32))
+        if isinstance(logits, str):
+            out[:n] = logits == "all"
+            out[n - 1] = 1
+        else:
+            out[:n] = np.asarray(logits, dtype=bool)
+        batch.n_tokens = self._rows = n
+        self.passes += 1
         t0 = time.perf_counter()
-        rc = self._ll.llama_decode(self.ctx, self.batch)
+        if parents is not None:
+            rc = native.fn("llama_decode_tree")(self.ctx, batch, parents.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)))
+        elif gate is not None:
+            values, il_gate, il_src = gate
+            g = np.ascontiguousarray(values, dtype=np.float32)
+            if g.shape != (n,):
+                raise RequestError("a gate needs one value per row")
+            rc = native.fn("llama_decode_gated")(self.ctx, batch, il_gate, il_src,
+                                                 g.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        else:
+            rc = self._ll.llama_decode(self.ctx, batch)
         self.model_s += time.perf_counter() - t0
         if rc != 0:
             # llama.cpp leaves a failed batch's cells allocated; drop them so the cache stays ours
             self._ll.llama_memory_seq_rm(self.mem, 0, p0, -1)
-            raise BackendError(f"llama_decode failed with code {rc} ({native.last_log_error()})")
-        self.tokens.extend(int(t) for t in tokens)
-        rows = n if all_logits else 1
-        ptr = self._ll.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(rows, self.model.n_vocab))
+            raise BackendError(f"decode of {n} rows (layers [{start}, {end})) failed with code {rc} "
+                               f"({native.last_log_error()})")
+        plain_cells = gate is None and (start, end) == (0, self.model.n_layer)
+        if parents is not None:
+            self._tree = tokens
+        else:
+            self.tokens.extend(tokens.tolist() if plain_cells else [-1] * n)
+        rows = int(out[:n].sum())
+        return np.ctypeslib.as_array(self._ll.llama_get_logits(self.ctx), shape=(rows, self.model.n_vocab))
 
-    def prefill(self, tokens) -> np.ndarray:
-        """Evaluate a prompt, re-using the longest cached prefix; return the last token's logits.
+    def hidden_rows(self, layer: int) -> np.ndarray:
+        """A copy of every row's input of `layer` from the last decode (which asked for it)."""
+        if layer not in self._hidden_on:
+            raise RequestError(f"the last decode did not keep layer {layer}'s hidden rows")
+        ptr = native.fn("llama_get_hidden")(self.ctx, layer)
+        return np.ctypeslib.as_array(ptr, shape=(self._rows, self.model.n_embd)).copy()
 
-        At least the last token is always evaluated, so there are fresh logits to sample from.
+    def prefill(self, tokens, riders: np.ndarray | None = None) -> np.ndarray:
+        """Evaluate a prompt, re-using the longest cached prefix; return the logits of its last
+        token (at least that one is always evaluated, so there are fresh logits to sample from).
+
+        riders: embedding rows (a chain after the last token, e.g. probing masks) that ride in the
+        prompt's last pass without joining the cache. With riders the result has rows: the last
+        token's, then the riders' (only the first when the context has no room for them).
         """
         tokens = list(tokens)
         if not tokens:
@@ -147,153 +217,26 @@ class Session:
         while keep < limit and self.tokens[keep] == tokens[keep]:
             keep += 1
         self.truncate(keep)
-        logits = None
-        for i in range(keep, len(tokens), self.n_batch):
-            logits = self.decode(tokens[i:i + self.n_batch])
-        return logits[-1]
-
-    # -- layer ranges, the DMTD gate, hidden states (native patch P3) -----------------------
-    def set_layers(self, start: int = 0, end: int | None = None) -> None:
-        """Run only layers [start, end) in the following decodes (all layers by default).
-
-        Rows are the input of layer `start`; KV cells of other layers are not written. Logits
-        come from the output head applied after layer end-1 (early-exit logits when end < n_layer).
-        """
-        end = self.model.n_layer if end is None else end
-        if (start, end) == self.layers:
-            return
-        rc = native.fn("llama_set_layer_range")(self.ctx, start, end)
-        if rc == -2:
-            raise RequestError(f"architecture {self.model.architecture} does not support layer "
-                               "ranges (llama, qwen2 and qwen3 do)")
-        if rc != 0:
-            raise RequestError(f"bad layer range [{start}, {end}) for {self.model.n_layer} layers")
-        self.layers = (start, end)
-
-    def decode_rows(self, tokens=None, embd: np.ndarray | None = None, gate=None,
-                    gate_layers: tuple[int, int] | None = None, hidden: int | None = None,
-                    last_only: bool = False):
-        """Append rows (token ids, or embedding rows = the input of the first layer of the range)
-        and run the current layer range; every row gets logits (only the last with last_only:
-        the output head is the costly part of a many-row pass on a large vocabulary).
-
-        gate (one float per row) with gate_layers = (il_gate, il_src): the input of layer il_gate
-        becomes h(il_src) + gate * h(il_gate), DMTD's h_enc + m * h_think (il_src 0: the input rows).
-        hidden = l returns a copy of every row's input of layer l (l = end of the range: its output).
-        Returns (logits view (n, n_vocab), hidden rows or None).
-        """
-        if (tokens is None) == (embd is None):
-            raise RequestError("give either tokens or embedding rows")
-        if self._tree is not None:
-            self.commit([])
-        n = len(tokens) if tokens is not None else len(embd)
-        if n == 0 or n > self.n_batch:
-            raise RequestError(f"a decode takes 1..{self.n_batch} rows, got {n}")
-        if self.n_past + n > self.n_ctx:
-            raise RequestError(f"context full: {self.n_past} + {n} rows > n_ctx {self.n_ctx}")
-        start, end = self.layers
-        if hidden is not None and not (start <= hidden < end or hidden == end < self.model.n_layer):
-            raise RequestError(f"hidden state of layer {hidden} is not computed by layers [{start}, {end})")
-        self._hidden_outputs({hidden} if hidden is not None else set())
-        if embd is not None:
-            batch, view = self._embedding_batch()
-            view[:n] = embd
-            pos, out = self._epos, self._eout
-        else:
-            batch, pos, out = self.batch, self._pos, self._out
-            self._tok[:n] = tokens
-        p0 = self.n_past
-        pos[:n] = np.arange(p0, p0 + n, dtype=np.int32)
-        out[:n] = 0 if last_only else 1
-        out[n - 1] = 1
-        batch.n_tokens = n
-        t0 = time.perf_counter()
-        if gate is None:
-            rc = self._ll.llama_decode(self.ctx, batch)
-        else:
-            g = np.ascontiguousarray(gate, dtype=np.float32)
-            if g.shape != (n,) or gate_layers is None:
-                raise RequestError("gate needs one value per row and gate_layers=(il_gate, il_src)")
-            rc = native.fn("llama_decode_gated")(self.ctx, batch, gate_layers[0], gate_layers[1],
-                                                 g.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
-        self.model_s += time.perf_counter() - t0
-        if rc != 0:
-            self._ll.llama_memory_seq_rm(self.mem, 0, p0, -1)
-            raise BackendError(f"decode of layers [{start}, {end}) failed with code {rc} "
-                               f"({native.last_log_error()})")
-        self.tokens.extend(int(t) for t in tokens) if tokens is not None else self.tokens.extend([-1] * n)
-        logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self.ctx),
-                                       shape=(1 if last_only else n, self.model.n_vocab))
-        h = None
-        if hidden is not None:
-            ptr = native.fn("llama_get_hidden")(self.ctx, hidden)
-            h = np.ctypeslib.as_array(ptr, shape=(n, self.model.n_embd)).copy()
-        return logits, h
-
-    def _hidden_outputs(self, wanted: set[int]) -> None:
-        """Make llama.cpp copy out exactly these layers' inputs (each switch re-plans the graph)."""
-        for layer in self._hidden_on - wanted:
-            native.fn("llama_set_hidden_output")(self.ctx, layer, False)
-        for layer in wanted - self._hidden_on:
-            native.fn("llama_set_hidden_output")(self.ctx, layer, True)
-        self._hidden_on = set(wanted)
-
-    # -- token trees (native patch P2) ------------------------------------------------------
-    def decode_tree(self, tokens, parents, embd: np.ndarray | None = None) -> np.ndarray:
-        """Decode a token tree after the cached tokens in one forward pass; logits of every row.
-
-        tokens[i] >= 0 is a token row, -1 an embedding row (the next row of `embd`, n_embd floats:
-        e.g. a synthesized mask token). parents[i] < i is the row's parent, or -1 for a child of
-        the last cached token; row i sits at position n_past + depth(i), sees the cache, its
-        ancestors and itself. Rows must be in breadth-first (non-decreasing depth) order.
-        Returns a view (n, n_vocab), valid until the next decode. Follow with `commit(path)`.
-        """
-        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
-        parents = np.ascontiguousarray(parents, dtype=np.int32)
-        n = len(tokens)
-        if self._tree is not None:
-            self.commit([])
-        if self._hidden_on:
-            self._hidden_outputs(set())
-        if n == 0 or n > self.n_batch or parents.shape != (n,):
-            raise RequestError(f"a tree takes 1..{self.n_batch} rows with one parent each, got {n}")
-        if np.any(parents >= np.arange(n)) or np.any(parents < -1):
-            raise RequestError("every row's parent must be an earlier row or -1")
-        if self.n_past + n > self.n_ctx:
-            raise RequestError(f"context full: a tree of {n} rows after {self.n_past} tokens does "
-                               f"not fit n_ctx {self.n_ctx}")
-        depth = tree_depths(parents)
-        if np.any(np.diff(depth) < 0):
-            raise RequestError("tree rows must be in breadth-first order (non-decreasing depth)")
-        is_embd = tokens < 0
-        if is_embd.any() or embd is not None:
-            batch, view = self._embedding_batch()
-            n_embd_rows = 0 if embd is None else len(embd)
-            if n_embd_rows != int(is_embd.sum()):
-                raise RequestError(f"{int(is_embd.sum())} embedding rows but {n_embd_rows} embeddings given")
-            if is_embd.any():
-                view[:n][is_embd] = embd
-            if (~is_embd).any():
-                view[:n][~is_embd] = self.model.input_rows(tokens[~is_embd])
-            pos, out = self._epos, self._eout
-        else:
-            batch, pos, out = self.batch, self._pos, self._out
-            self._tok[:n] = tokens
-        pos[:n] = self.n_past + depth
-        out[:n] = 1
-        batch.n_tokens = n
-        t0 = time.perf_counter()
-        rc = native.fn("llama_decode_tree")(self.ctx, batch, parents.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)))
-        self.model_s += time.perf_counter() - t0
-        if rc != 0:
-            self._ll.llama_memory_seq_rm(self.mem, 0, self.n_past, -1)
-            raise BackendError(f"tree decode failed with code {rc} ({native.last_log_error()})")
-        self._tree = tokens
-        return np.ctypeslib.as_array(self._ll.llama_get_logits(self.ctx), shape=(n, self.model.n_vocab))
-
+        r = len(riders) if riders is not None and len(riders) < self.n_batch and \
+            len(tokens) + len(riders) <= self.n_ctx else 0
+        cuts = list(range(keep, len(tokens), self.n_batch))  # where each pass starts
+        if r and len(tokens) - cuts[-1] > self.n_batch - r:  # the last pass must hold the riders
+            cuts.append(len(tokens) - (self.n_batch - r))
+        for a, b in zip(cuts, cuts[1:]):
+            self.decode(tokens[a:b])
+        last = tokens[cuts[-1]:]
+        if not r:
+            logits = self.decode(last)
+            return logits[-1] if riders is None else logits[-1:]
+        m = len(last)
+        rows = np.concatenate([last, np.full(r, -1)])
+        logits = self.decode(rows, np.arange(-1, m + r - 1), embd=riders,
+                             logits=np.arange(m + r) >= m - 1)
+        self.commit(np.arange(m))
+        return logits
     def commit(self, path) -> None:
-        """Keep the accepted root-to-node path of the last tree (row indices, root first) in the
-        cache at consecutive positions and free every other cell that tree wrote."""
+        """Keep the accepted root-to-node path of the pending tree (row indices, root first) in
+        the cache at consecutive positions and free every other cell that tree wrote."""
         if self._tree is None:
             raise RequestError("no tree decode to commit")
         path = np.ascontiguousarray(path, dtype=np.int32)
@@ -304,6 +247,41 @@ class Session:
             raise RequestError(f"rows {path.tolist()} are not a root-to-node path of the last tree")
         self.tokens.extend(int(t) for t in self._tree[path])
         self._tree = None
+
+    # -- layer ranges and hidden states (native patch P3) -----------------------------------
+    @contextlib.contextmanager
+    def layer_range(self, start: int = 0, end: int | None = None):
+        """Run only layers [start, end) in the decodes inside the block; all layers again after
+        it, however it is left.
+
+        Rows are the input of layer `start`; KV cells of other layers are not written (and are
+        recorded as not re-usable). Logits come from the output head applied after layer end-1
+        (early-exit logits when end < n_layer).
+        """
+        self._set_layers(start, self.model.n_layer if end is None else end)
+        try:
+            yield
+        finally:
+            self._set_layers(0, self.model.n_layer)
+
+    def _set_layers(self, start: int, end: int) -> None:
+        if (start, end) == self.layers:
+            return
+        rc = native.fn("llama_set_layer_range")(self.ctx, start, end)
+        if rc == -2:
+            raise RequestError(f"architecture {self.model.architecture} does not support layer "
+                               "ranges (llama, qwen2 and qwen3 do)")
+        if rc != 0:
+            raise RequestError(f"bad layer range [{start}, {end}) for {self.model.n_layer} layers")
+        self.layers = (start, end)
+
+    def _hidden_outputs(self, wanted: set[int]) -> None:
+        """Make llama.cpp copy out exactly these layers' inputs (each switch re-plans the graph)."""
+        for layer in self._hidden_on - wanted:
+            native.fn("llama_set_hidden_output")(self.ctx, layer, False)
+        for layer in wanted - self._hidden_on:
+            native.fn("llama_set_hidden_output")(self.ctx, layer, True)
+        self._hidden_on = set(wanted)
 
     def _abandon_tree(self) -> None:
         """Close a pending tree on both sides, keeping none of its cells. Asks the native side even

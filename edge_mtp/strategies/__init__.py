@@ -1,9 +1,13 @@
 """Decoding strategies: each one decides how the next tokens are produced from one forward pass.
 
 One generation loop (edge_mtp.generation) drives any of them; a strategy never handles stopping,
-streaming or timing. A strategy is named "name" or "name:budget" (rows per forward pass).
+streaming or timing. Every lossless strategy is the one speculative decoder (speculative.py) with
+its drafter; plain is that decoder without one; dmtd is its own decoder. A strategy is named
+"name" or "name:budget" (rows per forward pass).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 from ..errors import RequestError
 from .auto import Auto
@@ -12,28 +16,39 @@ from .dmtd import Dmtd
 from .hybrid import Hybrid
 from .lookahead import Lookahead
 from .lookup import Lookup
-from .plain import Plain
 from .probe import Probe
-
-STRATEGIES: dict[str, type[Strategy]] = {"plain": Plain, "probe": Probe, "lookup": Lookup, "auto": Auto,
-                                      "dmtd": Dmtd, "hybrid": Hybrid,
-                                      "lookahead": Lookahead}
+from .speculative import Drafter, Speculative
 
 
-def make_strategy(spec: str, **options) -> Strategy:
-    """A fresh strategy from "name" or "name:budget" plus keyword options (e.g. masks=2)."""
+def speculative(drafter: type[Drafter]):
+    """The factory of the speculative decoder with this drafter."""
+    return lambda **options: Speculative(drafter(**options))
+
+
+# name -> factory(**options); tests and tools may register their own
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "plain": lambda: Speculative(), "probe": speculative(Probe), "lookup": speculative(Lookup),
+    "auto": speculative(Auto), "dmtd": Dmtd, "hybrid": speculative(Hybrid),
+    "lookahead": speculative(Lookahead)}
+
+
+def make_strategy(spec: str, model=None, **options) -> Strategy:
+    """A fresh strategy from "name" or "name:budget" plus keyword options (e.g. masks=2). With the
+    model it will run on, auto on a DMTD model (dmtd.* keys) is DMTD's own decoder, its cycle
+    picked from this device's pass costs."""
     name, _, budget = spec.partition(":")
-    cls = STRATEGIES.get(name)
-    if cls is None:
+    if name not in STRATEGIES:
         raise RequestError(f"unknown strategy {name!r} (available: {', '.join(STRATEGIES)})")
     if budget:
         if not budget.isdigit() or name == "plain":
             raise RequestError(f"bad strategy {spec!r}: the budget after ':' is a row count (e.g. probe:10)")
         options["budget"] = int(budget)
+    if name == "auto" and getattr(model, "dmtd", None) is not None:
+        name, options = "dmtd", {"pick_tau": True}
     try:
-        return cls(**options)
+        return STRATEGIES[name](**options)
     except TypeError as e:
         raise RequestError(f"bad option for strategy {name}: {e}") from None
 
 
-__all__ = ["Strategy", "STRATEGIES", "make_strategy"]
+__all__ = ["Drafter", "Speculative", "Strategy", "STRATEGIES", "make_strategy"]

@@ -1,58 +1,37 @@
 """`auto`: speculate only when this device makes it pay, one step at a time.
 
-A verification pass of n rows costs cost(n) plain steps, measured on this machine (edge_mtp.profile:
-on 2 cores a Q4_1 model pays about 2x for 2 rows, its F32 twin 1.2-1.6x). Each step auto looks up
-the prompt-lookup draft for the current text and the length L of the match it came from, predicts
-the chance that each draft token is accepted, and sizes the draft d to maximise the expected gain
-to maximise the expected tokens per unit of time, in plain-step units:
+A verification pass of n rows costs cost(n) plain steps on this machine (edge_mtp.profile). Each
+step auto takes the prompt-lookup draft for the current text and sizes it to maximise the
+expected tokens per unit of time, in plain-step units:
 
     rate(d) = (1 + sum_{i=1..d} prod_{j=1..i} a_j) / (cost(d + 1) + overhead_tree)
 
-against a plain step's 1 / (1 + overhead_plain), where a_j is the probability that draft token j
-is accepted: lookup.py's MatchAcceptance, priors per match-length bucket measured on Spec-Bench's
-dev split (accepting a token lengthens the match by one; a 1-token match predicts 0.25, a 49+
-token one, a passage being copied, 0.99), shifted on the logit scale by what the text says about
-each token (whether it continues a word, and for the first one whether the matched n-gram was
-always followed by it) and by one offset, learned online from every draft token whose truth
-becomes known: those of verified drafts, and the first draft token of every plain step taken
-while a draft was at hand, which the step itself tests for free (tools/auto_replay.py measures
-the priors and replays this policy offline). Tokens per time, not tokens gained per step: a 64-row
-pass that wins 40 tokens can be slower than four 11-row passes winning 10 each.
+against a plain step's 1 / (1 + overhead_plain); a_j, the chance that draft token j is accepted,
+is lookup.py's MatchAcceptance (priors by match length, shifted by what the text says about each
+token and by an offset learned from every draft token whose truth becomes known, a plain step's
+free test of the first one included). Tokens per time, not per step: a 64-row pass that wins 40
+tokens can be slower than four 11-row passes winning 10 each.
 
-Drafts start short, like TCP's slow start: a request may draft FIRST_CAP tokens, the cap growing
-GROWTH-fold after a fully accepted draft (4, 16, 64: a copied passage reaches MAX_DRAFT in three
-steps) and halving after a rejected first token, so a text whose long matches do not continue (a
-RAG answer paraphrasing its passages) loses a 5-row pass, not a 65-row one, before it learns.
-
-cost(n) is a live estimate (profile.CostEstimate): the calibrated curve and recent runs are its
-prior, every step's measured model time moves it, and what it saw is written back to the profile
-at the end of each request. A prior that prices rows too high would never be corrected by steps
-it never takes, so auto explores: where no draft pays by the estimate but one would if the rows
-cost EXPLORE_PRICE of it, and that row count was not timed lately, it verifies the draft anyway,
-with a short draft (EXPLORE_DRAFT: the scale fitted to what it measures carries to long drafts),
-paid from a credit that grows by EXPLORE_SHARE of each step's time and shrinks by what each
-exploration lost against plain steps (so exploring costs at most EXPLORE_START plain steps plus
-1% of decode time). The Python overheads are tracked online as fractions of a plain step. What an
-Engine's auto learned (the estimate, the overheads, the credit, and half the acceptance offset:
-texts differ) carries over to its next request (AutoState): short answers do not start from
-scratch each time.
-
-Probing masks need a row each on every pass; auto turns them on only when the profile says the
-paper's acceptance could pay for them (never on the CPUs measured so far) and reports why not.
-Lossless: every step is either plain or a verified tree (verify.py), for greedy and sampling.
+Drafts start short, like TCP's slow start: FIRST_CAP tokens, the cap growing GROWTH-fold after a
+fully accepted draft and halving after a rejected first token. cost(n) is a live estimate
+(profile.CostEstimate) moved by every step's model time and written back to the profile after each
+request; because a prior that prices rows too high is never corrected by steps it never takes,
+auto explores short drafts that would pay at EXPLORE_PRICE of the estimate, paid from a credit of
+EXPLORE_SHARE of decode time. What an Engine's auto learned carries to its next request
+(AutoState). Probing masks stay off unless the profile says the paper's acceptance could pay for
+their rows. Lossless: every step is plain or a verified tree. The figures behind these choices
+are in docs/benchmarks.md.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..profile import CONTEXT, GRID, CostEstimate, Profile, get_profile, profile_key
+from ..profile import CostEstimate, Profile, get_profile, profile_key
 from ..tree import TokenTree
-from .base import Strategy
-from .dmtd import Dmtd
 from .lookup import BUCKET_START, LONGEST, Lookup, MatchAcceptance, continues_word
+from .speculative import Drafter
 
 MAX_DRAFT = 64
 FIRST_CAP = 4
@@ -134,32 +113,34 @@ class AutoState:
     decode_cost: float = 0.0  # all decode steps' time, plain steps
 
 
-class Auto(Strategy):
+class Auto(Drafter):
+    """The policy of `auto`: per step, no draft or a lookup draft sized by DraftPolicy on the live
+    cost estimate. Apart from `begin` (which finds the device profile) it never touches the
+    session, so tools/auto_replay.py drives this very object along recorded text."""
+
     name = "auto"
 
     def __init__(self, budget: int = MAX_DRAFT + 1, profile: Profile | None = None,
                  state: AutoState | None = None):
-        super().__init__()
         self.max_draft = max(0, min(MAX_DRAFT, budget - 1))
         self.profile = profile
         self.given = profile is not None  # a caller's curve: used, never written back
         self.state = state if state is not None else AutoState()
 
-    def prefill(self, session, prompt):
-        split = session.model.dmtd
-        late = (split.decoding_layers + split.encoding_layers,) if split else ()
+    def begin(self, session, prompt):
         state = self.state
-        if session.n_ctx >= CONTEXT + GRID[-1] + 1 and not self.given:
+        if not self.given:
             known = state.estimate.profile if state.estimate else None
-            if known is not None and known.key == profile_key(session) and \
-                    all(str(d) in known.late_layers for d in late):
+            if known is not None and known.key == profile_key(session):
                 self.profile = known  # this Engine's: re-priced by its earlier requests
             else:
-                self.profile = get_profile(session, late)  # cached per model, threads and mode
-        self.dmtd = None
-        if split and self.profile is not None:  # a DMTD model: its own cycle, sized to this device
-            self.dmtd = Dmtd(budget=self.dmtd_cycle(split))
-            return self.dmtd.prefill(session, prompt)
+                self.profile = get_profile(session)  # cached per model, threads and mode
+        self.start(session.model.piece, prompt)
+
+    def start(self, piece, prompt) -> None:
+        """A new request: `piece(token)` gives a token's bytes (whether a draft continues a word)."""
+        self.piece = piece
+        state = self.state
         self.lookup = Lookup(budget=max(2, self.max_draft + 1))
         self.lookup.start(prompt)
         self.policy = DraftPolicy(cost_table(self.profile, self.max_draft), self.max_draft)
@@ -175,61 +156,44 @@ class Auto(Strategy):
         self.kinds = {"plain": 0, "draft": 0}
         self.draft_rows = self.longest = self.explored = 0
         self.explore_loss = 0.0
-        return super().prefill(session, prompt)
 
-    def dmtd_cycle(self, split) -> int:
-        """The cycle length tau maximising tau / (head pass over tau rows + (tau - 1) late passes)."""
-        late = self.profile.late_layers[str(split.decoding_layers + split.encoding_layers)]
-        speed = {tau: tau / (self.profile.cost_of(tau) + (tau - 1) * late)
-                 for tau in range(1, split.cycle + 1)}
-        return max(speed, key=speed.get)
-
-    def step(self, session, sampler, pending):
-        if self.dmtd is not None:
-            return self.dmtd.step(session, sampler, pending)
-        t0, m0 = time.perf_counter(), session.model_s
+    def propose(self, pending, rows):
         lk, policy = self.lookup, self.policy
-        lk.history.append(pending)
-        room = session.room - 1
-        match, drafts = lk.find(min(self.max_draft, room), longest=LONGEST)
-        d, continues, explore = 0, None, False
+        lk.see([pending])
+        self.match = lk.find(min(self.max_draft, rows - 1), longest=LONGEST)
+        match, drafts, support = self.match
+        d, self.continues, self.exploring = 0, None, False
         if self.profile is not None and drafts:
-            piece = session.model.piece  # the policy looks at most `cap` tokens ahead
-            continues = [continues_word(piece(t)) for t in drafts[:policy.cap]]
-            d = policy.choose(match, len(drafts), continues, lk.support)
+            self.continues = [continues_word(self.piece(t)) for t in drafts[:policy.cap]]
+            d = policy.choose(match, len(drafts), self.continues, support)  # looks at most `cap` ahead
             if d == 0 and self.state.credit > 0:
-                d = min(policy.choose(match, len(drafts), continues, lk.support, price=EXPLORE_PRICE),
+                d = min(policy.choose(match, len(drafts), self.continues, support, price=EXPLORE_PRICE),
                         EXPLORE_DRAFT)
-                explore = d > 0 and not self.estimate.tested(d + 1)
-                d = d if explore else 0
-        if d == 0:
-            out = [sampler(session.decode([pending])[-1])]
-            if continues is not None:  # a draft was at hand: the step tested its first token
-                policy.learn(match, drafts[:1], out, continues, lk.support, verified=False)
-        else:
-            tree = TokenTree()
-            parent = tree.add(pending, -1)
-            for t in drafts[:d]:
-                parent = tree.add(t, parent)
-            out = self.verify_tree(session, sampler, tree)[0].tokens
-            policy.learn(match, drafts[:d], out, continues, lk.support)
-            self.draft_rows += d
-            self.longest = max(self.longest, d)
-        lk.history.extend(out[:-1])
+                self.exploring = d > 0 and not self.estimate.tested(d + 1)
+                d = d if self.exploring else 0
+        return TokenTree.chain(pending, drafts[:d]) if d else None
+
+    def accept(self, step):
+        match, drafts, support = self.match
+        d = len(step.tree) - 1 if step.tree is not None else 0
+        if d:
+            self.policy.learn(match, drafts[:d], step.tokens, self.continues, support)
+            self.draft_rows, self.longest = self.draft_rows + d, max(self.longest, d)
+        elif self.continues is not None:  # a draft was at hand: the plain step tested its first token
+            self.policy.learn(match, drafts[:1], step.tokens, self.continues, support, verified=False)
+        self.lookup.see(step.tokens[:-1])
         self.kinds["draft" if d else "plain"] += 1
         if self.profile is not None:
-            self._observe(d, session.model_s - m0, time.perf_counter() - t0, len(out), explore)
-        return out
+            self._observe(d, step.model_ms, step.step_ms, len(step.tokens), self.exploring)
 
-    def _observe(self, drafted: int, model_s: float, step_s: float, tokens: int, explore: bool) -> None:
+    def _observe(self, drafted: int, model_ms: float, step_ms: float, tokens: int, explore: bool) -> None:
         """Feed the estimate and the policy this step's measured times; settle exploration."""
         est, state = self.estimate, self.state
-        model_ms = model_s * 1e3
         est.observe(drafted + 1, model_ms)
         cost = model_ms / est.plain_ms  # this step, in plain steps
         if drafted:
             self.policy.cost = list(est.table(self.max_draft + 1))
-        self.policy.observe(drafted, (step_s - model_s) * 1e3 / est.plain_ms)
+        self.policy.observe(drafted, (step_ms - model_ms) / est.plain_ms)
         state.decode_cost += cost
         state.credit = min(EXPLORE_START, state.credit + EXPLORE_SHARE * cost)
         if explore:
@@ -240,7 +204,7 @@ class Auto(Strategy):
 
     def finish(self) -> None:
         """Keep what this request taught for the Engine's next one, and in the profile's runs."""
-        if self.dmtd is not None or self.profile is None:
+        if self.profile is None:
             return
         state = self.state
         state.offset = self.policy.acceptance.offset
@@ -259,11 +223,6 @@ class Auto(Strategy):
                 f"{self.profile.cost_of(best):.2f}x the cost of a plain step ({value:.2f}x plain)")
 
     def stats(self) -> dict:
-        if self.dmtd is not None:
-            tau = self.dmtd.tau
-            return {"decision": f"dmtd with cycle {tau} of {self.dmtd.cfg.cycle}: the fastest on this "
-                                f"device's pass costs (lossy by design: the DMTD model's own output)",
-                    **self.dmtd.stats()}
         if self.profile is None:
             return {"decision": "plain: no device profile (context too small to calibrate)",
                     "steps_by_kind": dict(self.kinds)}

@@ -12,8 +12,9 @@ input is h_enc + m * h_think with m = 1 on a cycle head, 0 elsewhere (native pat
   thinking-layer K/V; their encoding and decoding K/V come out as before, as the inputs are the
   same). Only the head row has logits.
 - Other steps: h_enc of the token (E = 0: its embedding) through the decoding layers only.
-Tokens go in as exact embedding rows, so the session marks these cells as non-reusable (-1): no
-later request takes a DMTD cell for a plain one.
+Every pass is gated or runs a partial layer range, so the session records these cells as
+non-reusable (-1): no later request takes a DMTD cell for a plain one. `auto` on a DMTD model is
+this decoder with the cycle picked from the device's pass costs (`pick_tau`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..errors import RequestError
 from ..gguf_meta import DmtdConfig
+from ..profile import get_profile
 from .base import Strategy
 
 
@@ -34,12 +36,14 @@ def model_dmtd(model) -> DmtdConfig:
 
 
 class Dmtd(Strategy):
-    """`dmtd` runs the trained cycle length, `dmtd:3` (budget = tau) a shorter one."""
+    """`dmtd` runs the trained cycle length, `dmtd:3` (budget = tau) a shorter one; with pick_tau
+    (auto on a DMTD model) the cycle with the best tokens per time on this device's profile."""
 
     name = "dmtd"
 
-    def __init__(self, budget: int | None = None):
+    def __init__(self, budget: int | None = None, pick_tau: bool = False):
         super().__init__()
+        self.pick_tau = pick_tau
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise RequestError(f"dmtd cycle length must be an integer >= 1, got {budget!r}")
         self.requested_tau = budget
@@ -48,12 +52,14 @@ class Dmtd(Strategy):
         self.prompt_len = 0
         self.generated: list[int] = []  # tokens fed at positions prompt_len, prompt_len + 1, ...
         self.full_passes = self.late_passes = self.refilled = 0
+        self.decision = ""
 
     def prefill(self, session, prompt):
-        self.drafted = self.accepted = 0
-        self.accepted_by_depth = []
+        self.begin_request()
         self.cfg = cfg = model_dmtd(session.model)
         self.tau = self.requested_tau or cfg.cycle
+        if self.pick_tau:
+            self.tau = self.fastest_cycle(session)
         if self.tau > cfg.cycle:
             raise RequestError(f"dmtd cycle length {self.tau} is longer than the {cfg.cycle} the "
                                "model was trained with")
@@ -65,12 +71,24 @@ class Dmtd(Strategy):
         self.prompt_len, self.generated = len(prompt), []
         self.full_passes = self.late_passes = self.refilled = 0
         session.truncate(0)
-        session.set_layers(0)
         logits = None
         for i in range(0, len(prompt), session.n_batch):
             chunk = prompt[i:i + session.n_batch]
             logits = self._full_pass(session, chunk, np.ones(len(chunk), dtype=np.float32))
         return logits
+
+    def fastest_cycle(self, session) -> int:
+        """The cycle tau maximising tau / (head pass over tau rows + (tau - 1) late passes) on the
+        device profile (1 when the context is too small to calibrate in)."""
+        late = self.cfg.decoding_layers + self.cfg.encoding_layers
+        profile = get_profile(session, (late,))
+        speed = {tau: tau / (profile.cost_of(tau) + (tau - 1) * profile.late_layers[str(late)])
+                 for tau in range(1, self.cfg.cycle + 1)} if profile else {1: 1.0}
+        tau = max(speed, key=speed.get)
+        self.decision = (f"dmtd with cycle {tau} of {self.cfg.cycle}: " + (
+            "the fastest on this device's pass costs (lossy by design: the DMTD model's own output)"
+            if profile else "no device profile (context too small to calibrate)"))
+        return tau
 
     def step(self, session, sampler, pending):
         local = session.n_past - self.prompt_len  # the pending token's place in the cycle phase
@@ -92,34 +110,31 @@ class Dmtd(Strategy):
     def _full_pass(self, session, tokens, gate) -> np.ndarray:
         """All layers over `tokens`, decoding-layer input h_enc + gate * h_think; last row's logits."""
         cfg = self.cfg
-        logits, _ = session.decode_rows(embd=session.model.input_rows(tokens), gate=gate,
-                                        gate_layers=(cfg.late_start, cfg.encoding_layers),
-                                        last_only=True)
-        return logits[-1]
+        return session.decode(embd=session.model.input_rows(tokens),
+                              gate=(gate, cfg.late_start, cfg.encoding_layers))[-1]
 
     def _late_pass(self, session, token: int) -> np.ndarray:
         """The token's h_enc through the decoding layers only (no thinking-layer K/V written)."""
         cfg = self.cfg
         rows = session.model.input_rows([token])
-        try:
-            if cfg.encoding_layers:
-                pos = session.n_past
-                session.set_layers(0, cfg.encoding_layers)
-                _, rows = session.decode_rows(embd=rows, hidden=cfg.encoding_layers, last_only=True)
-                session.truncate(pos)  # the cell is freed, its encoding-layer K/V stay for the next pass
-            session.set_layers(cfg.late_start)
-            logits, _ = session.decode_rows(embd=rows, last_only=True)
-            return logits[-1]
-        finally:
-            session.set_layers(0)  # other strategies (and our head steps) run the full model
+        if cfg.encoding_layers:
+            pos = session.n_past
+            with session.layer_range(0, cfg.encoding_layers):
+                session.decode(embd=rows, hidden=cfg.encoding_layers)
+                rows = session.hidden_rows(cfg.encoding_layers)
+            session.truncate(pos)  # the cell is freed, its encoding-layer K/V stay for the next pass
+        with session.layer_range(cfg.late_start):
+            return session.decode(embd=rows)[-1]
 
     def stats(self) -> dict:
         cfg, passes = self.cfg, self.full_passes + self.late_passes
         if cfg is None:
             return {"tau": self.tau}
+        decision = {"decision": self.decision} if self.decision else {}
         late_layers = cfg.encoding_layers + cfg.decoding_layers
         layers = self.full_passes * cfg.n_layer + self.late_passes * late_layers
         return {
+            **decision,
             "tau": self.tau,
             "dmtd_split": cfg.label,
             "full_passes": self.full_passes,

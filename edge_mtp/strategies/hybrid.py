@@ -25,9 +25,8 @@ import numpy as np
 
 from ..errors import RequestError
 from ..tree import TokenTree
-from .base import Strategy
 from .lookup import LONGEST, Lookup, MatchAcceptance
-from .probe import Masks
+from .probe import MaskDrafter, Masks
 
 DEFAULT_BUDGET = 10
 MAX_CHAIN = 10  # the longest lookup chain, as in the prompt-lookup baseline
@@ -38,11 +37,10 @@ RANK_PRIOR = np.concatenate([[0.077], np.full(3, 0.107 / 3), np.full(10, 0.116 /
 RANK_WEIGHT = 8.0  # pseudo-observations behind the rank priors
 
 
-class Hybrid(Strategy):
+class Hybrid(MaskDrafter):
     name = "hybrid"
 
     def __init__(self, budget: int = DEFAULT_BUDGET, lam: float = 0.1, init: str = "mean"):
-        super().__init__()
         if not isinstance(budget, int) or not 2 <= budget <= len(RANK_PRIOR):
             raise RequestError(f"hybrid needs a budget of 2..{len(RANK_PRIOR)} rows (root and a draft), "
                                f"got {budget!r}")
@@ -50,34 +48,34 @@ class Hybrid(Strategy):
         self.masks = Masks(1, lam, init)
         self.keep = [budget]  # mask candidates kept: more than any step can use
 
-    def prefill(self, session, prompt):
-        super().prefill(session, prompt)
+    def begin(self, session, prompt):
         self.lookup = Lookup(budget=MAX_CHAIN + 1)
         self.lookup.start(prompt)
         self.chain = MatchAcceptance()
         self.rank_hits, self.rank_trials = RANK_PRIOR[:self.budget] * RANK_WEIGHT, RANK_WEIGHT
         self.accepted_from = {"lookup": 0, "masks": 0}
-        return self.masks.prefill(session, prompt, self.keep)
+        self.masks.start(session.model, prompt)
 
-    def step(self, session, sampler, pending):
+    def propose(self, pending, rows):
         self.masks.absorb([pending])
-        lk = self.lookup
-        lk.history.append(pending)
-        rows = min(self.budget, session.room)
-        match, chain = lk.find(min(MAX_CHAIN, rows - 1), longest=LONGEST)
-        tree, masks_of, source = self._plan(pending, match, chain, rows)
-        verdict, logits, row_of = self.verify_tree(session, sampler, tree)
-        self._learn(match, chain, verdict.tokens)
-        for node in verdict.path[1:]:
-            for s in source[node]:
-                self.accepted_from[s] += 1
-        if verdict.deepest in masks_of:
-            self.masks.propose(logits, row_of, masks_of[verdict.deepest], self.keep)
+        self.lookup.see([pending])
+        rows = min(self.budget, rows)
+        self.match = self.lookup.find(min(MAX_CHAIN, rows - 1), longest=LONGEST)
+        tree, self.masks_of, self.source = self._plan(pending, self.match.length, self.match.drafts, rows)
+        return tree
+
+    def accept(self, step):
+        self._learn(self.match.length, self.match.drafts, step.tokens)
+        if step.tree is not None:
+            for node in step.verdict.path[1:]:
+                for s in self.source[node]:
+                    self.accepted_from[s] += 1
+        if step.tree is not None and step.verdict.deepest in self.masks_of:
+            self.masks.propose(step.logits, step.row_of, self.masks_of[step.verdict.deepest], self.keep)
         else:
             self.masks.proposal = []
-        self.masks.absorb(verdict.tokens[:-1])  # the bonus is absorbed when it is the next root
-        lk.history.extend(verdict.tokens[:-1])
-        return verdict.tokens
+        self.masks.absorb(step.tokens[:-1])  # the bonus is absorbed when it is the next root
+        self.lookup.see(step.tokens[:-1])
 
     def _plan(self, pending: int, match: int, chain: list[int], rows: int):
         """Fill `rows` rows best first; returns the tree, the mask rows of each masked node and

@@ -15,27 +15,17 @@ One step decodes one tree whose root is the pending token:
   N-1 continuation tokens under the root. The verifier (greedy or lossless sampling, verify.py)
   accepts the longest path the model agrees with, so the output is exactly plain decoding's.
 
-After the pass the argmax of every top-level row is the next Jacobi iteration. Column i yields the
-n-gram (level 0, levels 1..N-2, new token) of column i for the pool (at most G per first token, the
-least recently seen dropped first), and the window moves on by one level: level 0 <- level 1 (its
-column 0 becomes the next root), ..., top level <- the new tokens. As in the reference
-implementation the window advances one position per step however many tokens were accepted, and
-lookahead tokens are argmax choices even when sampling. With `text_pool` (on by default; the
-reference's POOL_FROM_PROMPT option) the pool also holds the n-grams of the prompt and of the
-generated text: MAT 1.34 instead of 1.15 at 8 rows on Spec-Bench dev prompts.
+After the pass the argmax of every top-level row is the next Jacobi iteration: column i yields
+an n-gram for the pool (at most G per first token, the least recently seen dropped first), and the
+window moves up one level (its new column 0 is the next root), one position per step however many
+tokens were accepted, as in the reference implementation. With `text_pool` (on by default; the
+reference's POOL_FROM_PROMPT) the pool also holds the n-grams of the prompt and generated text.
 
-Rows per step: (N-1)(W+G), the lookahead window's (N-1)W plus G n-grams of N-1 tokens. Without a
-budget N/W/G is the paper's 5/7/7 (56 rows). Budget rule, for a budget B >= 4 of rows per step:
-N = 3, W = B // 4, G = B // 2 - W (4 -> 3/1/1, 8 -> 3/2/2, 16 -> 3/4/4, 32 -> 3/8/8), tuned by
-MAT on Spec-Bench dev prompts with the default model (see `config_for`). Explicit N, W or G
-override the rule's values and must still fit B.
-
-Deviations from the paper, none forced by the one-root tree interface (the paper's mask is a tree):
-- pooled n-grams that share a prefix share rows (a trie) instead of being separate chains: the same
-  acceptance for fewer rows;
-- the window starts with all N-1 levels filled from random prompt tokens (llama.cpp's variant)
-  instead of growing one level per warm-up step; n-grams enter the pool from the step at which
-  levels 1..N-2 are model outputs, the step at which the paper's warm-up ends.
+Rows per step: (N-1)(W+G). Without a budget N/W/G is the paper's 5/7/7 (56 rows); a budget B >= 4
+gives N = 3, W = B // 4, G = B // 2 - W (`config_for`; tuned by MAT, docs/benchmarks.md);
+explicit N, W or G override it and must still fit B. Deviations from the paper: pooled n-grams
+sharing a prefix share rows (a trie), and the window starts filled from random prompt tokens
+(llama.cpp's variant), its n-grams pooled once levels 1..N-2 are model outputs.
 """
 from __future__ import annotations
 
@@ -43,7 +33,7 @@ import numpy as np
 
 from ..errors import RequestError
 from ..tree import TokenTree
-from .base import Strategy
+from .speculative import Drafter
 
 DEFAULT_CONFIG = (5, 7, 7)  # N, W, G of the paper's reference implementation (56 rows)
 MIN_BUDGET = 4  # N = 3, W = 1, G = 1
@@ -72,12 +62,11 @@ def add_lookahead_row(tree: TokenTree, token: int, parent: int) -> int:
     return row
 
 
-class Lookahead(Strategy):
+class Lookahead(Drafter):
     name = "lookahead"
 
     def __init__(self, budget: int | None = None, n: int | None = None, w: int | None = None,
                  g: int | None = None, text_pool: bool = True):
-        super().__init__()
         base = DEFAULT_CONFIG if budget is None else config_for(budget)
         self.n, self.w, self.g = (v if v is not None else d for v, d in zip((n, w, g), base))
         if self.n < 3 or self.w < 1 or self.g < 1:
@@ -90,7 +79,7 @@ class Lookahead(Strategy):
         self.budget = rows if budget is None else budget
         self.text_pool = text_pool
 
-    def prefill(self, session, prompt):
+    def begin(self, session, prompt):
         rng = np.random.default_rng(0)  # fixed: a request always decodes the same way
         self.window = [[int(t) for t in rng.choice(prompt, self.w)] for _ in range(self.n - 1)]
         self.iterations = 0  # Jacobi iterations so far
@@ -99,20 +88,19 @@ class Lookahead(Strategy):
         self.pooled = 0  # n-grams of the text that end before this position are pooled
         if self.text_pool:
             self._pool_text()
-        return super().prefill(session, prompt)
 
-    def step(self, session, sampler, pending):
+    def propose(self, pending, rows):
         self.history.append(pending)
-        tree, top, n_verify = self.build_tree(pending)
-        if len(tree) > session.room:  # the tree does not fit: a plain step
-            return [sampler(session.decode([pending])[-1])]
-        verdict, logits, row_of = self.verify_tree(session, sampler, tree)
-        self.drafted -= len(tree) - n_verify  # lookahead rows are not drafts
-        self._advance([int(t) for t in logits[row_of[top]].argmax(axis=1)])
-        self.history.extend(verdict.tokens[:-1])  # the last one is the next pending token
+        tree, self.top, _ = self.build_tree(pending)
+        return tree
+
+    def accept(self, step):
+        if step.tree is None:  # a plain step (no room for the tree) leaves window and pool as they are
+            return
+        self._advance([int(t) for t in step.logits[step.row_of[self.top]].argmax(axis=1)])
+        self.history.extend(step.tokens[:-1])  # the last one is the next pending token
         if self.text_pool:
             self._pool_text()
-        return verdict.tokens
 
     def build_tree(self, pending: int) -> tuple[TokenTree, list[int], int]:
         """This step's tree: the verification trie first, then the lookahead window. Returns the

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import RequestError
 from ..tree import EMBD, TokenTree
-from .base import Strategy
+from .speculative import Drafter
 
 DEFAULT_BUDGET = 10
 INITS = ("mean", "last", "sample", "offset")
@@ -131,33 +131,23 @@ class Masks:
             for e in self.model.input_rows(np.asarray(tokens)):
                 self.vectors += np.float32(self.lam) * (e - self.vectors)
 
-    def prefill(self, session, prompt: list[int], keep: list[int]) -> np.ndarray:
-        """The prompt pass with the last prompt token's masks; returns its logits (the masks'
-        candidates become the first proposal)."""
-        self.start(session.model, prompt)
-        if len(prompt) > 1:
-            session.prefill(prompt[:-1])
-        else:
-            session.truncate(0)
-        tree = TokenTree()
-        owner = tree.add(prompt[-1], -1)
-        rows = self.add(tree, owner)
-        tokens, parents, embd, row_of = tree.layout()
-        if len(tokens) > session.room:  # no room for masks: plain prompt pass
-            return session.prefill(prompt)
-        logits = session.decode_tree(tokens, parents, embd)
-        first = logits[row_of[owner]].copy()
-        self.propose(logits, row_of, rows, keep)
-        session.commit([row_of[owner]])
-        return first
+
+class MaskDrafter(Drafter):
+    """A drafter with probing masks (`masks`, and `keep` candidates per mask): the masks ride in
+    the prompt's last pass, so the first step already has their candidates."""
+
+    def riders(self):
+        return self.masks.vectors.copy()
+
+    def rode(self, logits):
+        self.masks.proposal = [top_candidates(row, n) for row, n in zip(logits, self.keep)]
 
 
-class Probe(Strategy):
+class Probe(MaskDrafter):
     name = "probe"
 
     def __init__(self, budget: int = DEFAULT_BUDGET, masks: int = 1, lam: float = 0.1,
                  tree: str = "static", init: str = "mean"):
-        super().__init__()
         if tree not in TREES:
             raise RequestError(f"unknown probe tree {tree!r} (available: {', '.join(TREES)})")
         self.masks = Masks(masks, lam, init)
@@ -167,24 +157,24 @@ class Probe(Strategy):
         # candidates kept per mask: one spare for pruning (per parent in a dynamic tree)
         self.keep = [w + 1 for w in self.widths] if tree == "static" else [self.nodes + 1] * masks
 
-    def prefill(self, session, prompt):
-        super().prefill(session, prompt)
-        return self.masks.prefill(session, prompt, self.keep)
+    def begin(self, session, prompt):
+        self.masks.start(session.model, prompt)
 
-    def step(self, session, sampler, pending):
+    def propose(self, pending, rows):
         self.masks.absorb([pending])
         tree = TokenTree()
         root = tree.add(pending, -1)
         grow = self._static_nodes if self.tree == "static" else self._dynamic_nodes
         owners = [root] + grow(tree, root)
-        masks_of = {node: self.masks.add(tree, node) for node in owners}
-        if len(tree) > session.room:
+        self.masks_of = {node: self.masks.add(tree, node) for node in owners}
+        return tree
+
+    def accept(self, step):
+        if step.tree is None:  # the tree did not fit: a plain step, no masks decoded
             self.masks.proposal = []
-            return [sampler(session.decode([pending])[-1])]  # the tree does not fit: plain step
-        verdict, logits, row_of = self.verify_tree(session, sampler, tree)
-        self.masks.propose(logits, row_of, masks_of[verdict.deepest], self.keep)
-        self.masks.absorb(verdict.tokens[:-1])  # the bonus is absorbed when it is the next root
-        return verdict.tokens
+        else:
+            self.masks.propose(step.logits, step.row_of, self.masks_of[step.verdict.deepest], self.keep)
+        self.masks.absorb(step.tokens[:-1])  # the bonus is absorbed when it is the next root
 
     def _static_nodes(self, tree: TokenTree, root: int) -> list[int]:
         """Top-1 expansion: K_d candidates of mask d at depth d, children only under the best."""
