@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from edge_mtp.backend import Model, Session
+from edge_mtp.backend import Model, Session, native
 from edge_mtp.errors import RequestError
 
 # 15 nodes, branching at every level: root, 2 children, 4 grandchildren, 4, 4
@@ -172,6 +172,21 @@ def test_gate_matches_numpy_reference(model):
     np.testing.assert_array_equal(h_enc, model.input_rows(toks))
 
 
+def test_a_gated_graph_is_reused_for_the_next_gated_decode(model):
+    """The gate input says when its graph fits the next decode (same rows, same gate source), so
+    back-to-back gated decodes of one size build their graph once."""
+    ll = native.llama()
+    s = session(model)
+    s.prefill(model.tokenize(PROMPT))
+    toks = model.tokenize(" there lived a king", add_bos=False)
+    gate = (np.ones(len(toks), dtype=np.float32), model.n_layer - 2, 0)
+    s.decode(toks, gate=gate)
+    reused = ll.llama_perf_context(s.ctx).n_reused
+    s.truncate(len(s.tokens) - len(toks))
+    s.decode(toks, gate=gate)
+    assert ll.llama_perf_context(s.ctx).n_reused == reused + 1
+
+
 def test_hidden_state_outside_the_range_is_refused(model):
     s = session(model)
     s.prefill(model.tokenize(PROMPT))
@@ -191,10 +206,40 @@ def test_unsupported_architecture_refuses_a_layer_range(tiny_model_path):
         s.decode([5])
 
 
+# what each public native call returns for bad input (the patches' headers document the codes)
+BAD_INPUT_CODES = {
+    "embd: id -1": -2, "embd: id n_vocab": -2, "embd: n < 0": -2, "embd: null ids": -2, "embd: null out": -2,
+    "tree: null parents": -11, "tree: own parent": -11, "tree: parent < -1": -11, "tree: empty": -12,
+    "tree: beyond n_ubatch": -12, "tree: two sequences": -15,
+    "commit: none pending": -13, "tree: good": 0, "commit: not from the root": -14,
+    "commit: row out of range": -14, "commit: n < 0": -14, "commit: null rows": -14,
+    "plain decode after a tree": 0, "commit: tree ended by a decode": -13,
+    "tree: before a clear": 0, "commit: tree ended by a clear": -13,
+    "tree: full cache": 1, "commit: after a failed tree": -13,
+    "range: start > end": -1, "range: end > n_layer": -1, "range: start < 0": -1,
+    "gate: null values": -1, "gate: layer >= n_layer": -1, "gate: source after gate": -1, "gate: empty batch": -12,
+    "hidden: layer -1": -1, "hidden: layer n_layer + 1": -1, "hidden: get out of range is null": 1,
+    "hidden: get of a layer not asked is null": 1, "hidden: ask layer 5": 0, "range: [0, 2)": 0,
+    "decode: asked layer outside the range": 0, "hidden: get of a layer outside the range is null": 1,
+}
+
+
+def test_no_native_call_aborts_on_bad_input(model_path):
+    """Every public call of our patches, called directly (no Session checks in front) with
+    out-of-range rows, bad parents, null arrays and a full cache, returns its documented code;
+    a child process, since an abort would end the test run."""
+    import json
+
+    child = os.path.join(os.path.dirname(__file__), "bad_native_calls.py")
+    r = subprocess.run([sys.executable, child, str(model_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == BAD_INPUT_CODES
+
+
 def test_native_checks_hold_without_graph_reuse():
     """The same tree/commit/layer checks with LLAMA_GRAPH_REUSE_DISABLE=1 (no stale graphs)."""
     env = dict(os.environ, LLAMA_GRAPH_REUSE_DISABLE="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "not without_graph_reuse and not unsupported"],
+                        "-k", "not without_graph_reuse and not unsupported and not is_reused"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:]

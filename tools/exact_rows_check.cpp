@@ -75,7 +75,7 @@ int main(int argc, char ** argv) {
         cp.n_threads = cp.n_threads_batch = n_threads;
         cp.flash_attn_type = fa ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         llama_context * ctx = llama_init_from_model(model, cp);
-        if (ctx == nullptr || llama_set_exact_rows(ctx, exact) != 0 || !decode(ctx, context, 0)) {
+        if (ctx == nullptr || edge_mtp_set_exact_rows(ctx, exact) != 0 || !decode(ctx, context, 0)) {
             fprintf(stderr, "cannot set up a context (flash attention %s)\n", fa ? "on" : "off");
             return 2;
         }

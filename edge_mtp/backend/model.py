@@ -171,7 +171,7 @@ class Model:
         """Exact float32 input-embedding rows for token ids, shape (n, n_embd) (native patch P1)."""
         ids = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1)
         out = np.empty((len(ids), self.n_embd), dtype=np.float32)
-        rc = native.fn("llama_model_get_tok_embd_rows")(self.ptr, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+        rc = native.fn("edge_mtp_model_tok_embd_rows")(self.ptr, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
                                   len(ids), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
         if rc != 0:
             raise RequestError({-1: "model has no token embeddings", -2: "token id out of range",

@@ -82,14 +82,14 @@ def _bind_patches(ll) -> None:
     i32, f32 = ctypes.c_int32, ctypes.c_float
     p_i32 = ctypes.POINTER(i32)
     signatures = {  # name: (argtypes, restype), as declared in the patched include/llama.h
-        "llama_model_get_tok_embd_rows": ([ll.llama_model_p_ctypes, p_i32, i32, ctypes.POINTER(f32)], i32),
-        "llama_decode_tree": ([ll.llama_context_p_ctypes, ll.llama_batch, p_i32], i32),
-        "llama_tree_commit": ([ll.llama_context_p_ctypes, p_i32, i32], i32),
-        "llama_set_exact_rows": ([ll.llama_context_p_ctypes, ctypes.c_bool], i32),
-        "llama_set_layer_range": ([ll.llama_context_p_ctypes, i32, i32], i32),
-        "llama_decode_gated": ([ll.llama_context_p_ctypes, ll.llama_batch, i32, i32, ctypes.POINTER(f32)], i32),
-        "llama_set_hidden_output": ([ll.llama_context_p_ctypes, i32, ctypes.c_bool], None),
-        "llama_get_hidden": ([ll.llama_context_p_ctypes, i32], ctypes.POINTER(f32)),
+        "edge_mtp_model_tok_embd_rows": ([ll.llama_model_p_ctypes, p_i32, i32, ctypes.POINTER(f32)], i32),
+        "edge_mtp_decode_tree": ([ll.llama_context_p_ctypes, ll.llama_batch, p_i32], i32),
+        "edge_mtp_tree_commit": ([ll.llama_context_p_ctypes, p_i32, i32], i32),
+        "edge_mtp_set_exact_rows": ([ll.llama_context_p_ctypes, ctypes.c_bool], i32),
+        "edge_mtp_set_layer_range": ([ll.llama_context_p_ctypes, i32, i32], i32),
+        "edge_mtp_decode_gated": ([ll.llama_context_p_ctypes, ll.llama_batch, i32, i32, ctypes.POINTER(f32)], i32),
+        "edge_mtp_set_hidden_output": ([ll.llama_context_p_ctypes, i32, ctypes.c_bool], i32),
+        "edge_mtp_get_hidden": ([ll.llama_context_p_ctypes, i32], ctypes.POINTER(f32)),
     }
     for name, (argtypes, restype) in signatures.items():
         try:

@@ -54,7 +54,7 @@ class Session:
         if not self.ctx:
             raise BackendError(f"could not create a llama.cpp context ({native.last_log_error()})")
         self._ll = ll
-        self.exact_rows = exact_rows and native.fn("llama_set_exact_rows")(self.ctx, True) == 0
+        self.exact_rows = exact_rows and native.fn("edge_mtp_set_exact_rows")(self.ctx, True) == 0
         self.n_ctx = ll.llama_n_ctx(self.ctx)
         self.mem = ll.llama_get_memory(self.ctx)
         self.tokens: list[int] = []  # what the KV cache holds, position i = tokens[i]
@@ -167,13 +167,13 @@ class Session:
         self.passes += 1
         t0 = time.perf_counter()
         if parents is not None:
-            rc = native.fn("llama_decode_tree")(self.ctx, batch, parents.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)))
+            rc = native.fn("edge_mtp_decode_tree")(self.ctx, batch, parents.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)))
         elif gate is not None:
             values, il_gate, il_src = gate
             g = np.ascontiguousarray(values, dtype=np.float32)
             if g.shape != (n,):
                 raise RequestError("a gate needs one value per row")
-            rc = native.fn("llama_decode_gated")(self.ctx, batch, il_gate, il_src,
+            rc = native.fn("edge_mtp_decode_gated")(self.ctx, batch, il_gate, il_src,
                                                  g.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
         else:
             rc = self._ll.llama_decode(self.ctx, batch)
@@ -195,7 +195,9 @@ class Session:
         """A copy of every row's input of `layer` from the last decode (which asked for it)."""
         if layer not in self._hidden_on:
             raise RequestError(f"the last decode did not keep layer {layer}'s hidden rows")
-        ptr = native.fn("llama_get_hidden")(self.ctx, layer)
+        ptr = native.fn("edge_mtp_get_hidden")(self.ctx, layer)
+        if not ptr:
+            raise RequestError(f"the last decode did not compute layer {layer}'s hidden rows")
         return np.ctypeslib.as_array(ptr, shape=(self._rows, self.model.n_embd)).copy()
 
     def prefill(self, tokens, riders: np.ndarray | None = None) -> np.ndarray:
@@ -242,7 +244,7 @@ class Session:
         path = np.ascontiguousarray(path, dtype=np.int32)
         if len(path) and np.any(self._tree[path] < 0):
             raise RequestError("only token rows can be committed, not embedding rows")
-        rc = native.fn("llama_tree_commit")(self.ctx, path.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(path))
+        rc = native.fn("edge_mtp_tree_commit")(self.ctx, path.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(path))
         if rc != 0:
             raise RequestError(f"rows {path.tolist()} are not a root-to-node path of the last tree")
         self.tokens.extend(int(t) for t in self._tree[path])
@@ -267,7 +269,7 @@ class Session:
     def _set_layers(self, start: int, end: int) -> None:
         if (start, end) == self.layers:
             return
-        rc = native.fn("llama_set_layer_range")(self.ctx, start, end)
+        rc = native.fn("edge_mtp_set_layer_range")(self.ctx, start, end)
         if rc == -2:
             raise RequestError(f"architecture {self.model.architecture} does not support layer "
                                "ranges (llama, qwen2 and qwen3 do)")
@@ -277,17 +279,17 @@ class Session:
 
     def _hidden_outputs(self, wanted: set[int]) -> None:
         """Make llama.cpp copy out exactly these layers' inputs (each switch re-plans the graph)."""
-        for layer in self._hidden_on - wanted:
-            native.fn("llama_set_hidden_output")(self.ctx, layer, False)
-        for layer in wanted - self._hidden_on:
-            native.fn("llama_set_hidden_output")(self.ctx, layer, True)
+        switch = [(layer, False) for layer in self._hidden_on - wanted] + [(layer, True) for layer in wanted - self._hidden_on]
+        for layer, on in switch:
+            if native.fn("edge_mtp_set_hidden_output")(self.ctx, layer, on) != 0:
+                raise RequestError(f"layer {layer} has no hidden rows ({self.model.n_layer} layers)")
         self._hidden_on = set(wanted)
 
     def _abandon_tree(self) -> None:
         """Close a pending tree on both sides, keeping none of its cells. Asks the native side even
-        when Python saw no tree: Ctrl-C can land between llama_decode_tree's return and
+        when Python saw no tree: Ctrl-C can land between edge_mtp_decode_tree's return and
         `self._tree = tokens` (-13: nothing was pending there)."""
-        rc = native.fn("llama_tree_commit")(self.ctx, None, 0)
+        rc = native.fn("edge_mtp_tree_commit")(self.ctx, None, 0)
         if rc not in (0, -13):
             raise BackendError(f"could not close the pending tree (code {rc})")
         self._tree = None
