@@ -151,15 +151,17 @@ def priors(args) -> None:
         print(f"written: {PRIORS_FILE}")
 
 
-def replay_turn(turn: dict, profile: Profile, piece, oracle: bool = False) -> tuple[int, float, int]:
+def replay_turn(turn: dict, profile: Profile, piece, oracle: bool = False, device: Profile | None = None,
+                auto: Auto | None = None) -> tuple[int, float, int]:
     """(decode-phase tokens, their cost in plain steps, plain's steps) for one recorded turn, with
-    auto's own policy object (strategies.auto.Auto) deciding every step; piece(token) -> bytes.
-    The steps' model times are the profile's prices, so the live estimate stays on the curve."""
+    auto's own policy object (strategies.auto.Auto, or the one given) deciding every step;
+    piece(token) -> bytes. The steps' model times are the device's prices (default: the profile's,
+    so the live estimate stays on the curve; another device shows how auto corrects a wrong one)."""
     answer = turn["answer"]
     truth = answer + ([-1] if turn["eos"] else [])  # -1: the EOS step ends the turn
-    auto = Auto(profile=profile, state=AutoState())
+    auto = auto or Auto(profile=profile, state=AutoState())
     auto.start(piece, turn["prompt"])
-    cost, plain_ms = cost_table(profile, MAX_DRAFT), profile.step_ms
+    cost, plain_ms = cost_table(device or profile, MAX_DRAFT), profile.step_ms
     pos, spent = 0, 0.0  # truth[pos] is the pending token
     while pos + 1 < len(truth):
         pending = truth[pos]
