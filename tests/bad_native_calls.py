@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from edge_mtp.backend import Model, Session, native
+from edge_mtp.backend.session import tree_depths
 
 I32P, F32P = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
 
@@ -18,18 +19,12 @@ def ptr(a, kind=I32P):
     return None if a is None else np.ascontiguousarray(a).ctypes.data_as(kind)
 
 
-def depths(parents):
-    d = []
-    for p in parents:
-        d.append(0 if p < 0 or p >= len(d) else d[p] + 1)
-    return d
-
-
 def batch(ll, tokens, pos0, seqs=None, parents=None):
-    """A llama_batch of token rows at consecutive positions, or at pos0 + depth for a tree (the
-    caller frees it)."""
+    """A llama_batch of token rows at consecutive positions, or at pos0 + depth for a valid tree
+    (a bad one is refused before its positions matter; the caller frees it)."""
     b = ll.llama_batch_init(max(len(tokens), 1), 0, 2)
-    offsets = range(len(tokens)) if parents is None else depths(parents)
+    valid = parents is not None and all(-1 <= p < i for i, p in enumerate(parents))
+    offsets = tree_depths(np.asarray(parents, dtype=np.int32)) if valid else range(len(tokens))
     for i, (t, o) in enumerate(zip(tokens, offsets)):
         b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos0 + o, 1, 1
         b.seq_id[i][0] = 0 if seqs is None else seqs[i]
@@ -54,12 +49,12 @@ def main(path):
         a = None if rows is None else np.asarray(rows, dtype=np.int32)
         return fn("edge_mtp_tree_commit")(s.ctx, ptr(a), len(rows) if n is None else n)
 
-    ids = np.zeros(4 * model.n_embd, dtype=np.float32)
+    out = np.zeros(4 * model.n_embd, dtype=np.float32)
     rows = fn("edge_mtp_model_tok_embd_rows")
-    codes["embd: id -1"] = rows(model.ptr, ptr(np.array([-1], np.int32)), 1, ptr(ids, F32P))
-    codes["embd: id n_vocab"] = rows(model.ptr, ptr(np.array([model.n_vocab], np.int32)), 1, ptr(ids, F32P))
-    codes["embd: n < 0"] = rows(model.ptr, ptr(np.array([1], np.int32)), -1, ptr(ids, F32P))
-    codes["embd: null ids"] = rows(model.ptr, None, 2, ptr(ids, F32P))
+    codes["embd: id -1"] = rows(model.ptr, ptr(np.array([-1], np.int32)), 1, ptr(out, F32P))
+    codes["embd: id n_vocab"] = rows(model.ptr, ptr(np.array([model.n_vocab], np.int32)), 1, ptr(out, F32P))
+    codes["embd: n < 0"] = rows(model.ptr, ptr(np.array([1], np.int32)), -1, ptr(out, F32P))
+    codes["embd: null ids"] = rows(model.ptr, None, 2, ptr(out, F32P))
     codes["embd: null out"] = rows(model.ptr, ptr(np.array([1], np.int32)), 1, None)
 
     s = Session(model, n_ctx=128, n_threads=2, n_batch=32)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Cost of a token-tree decode (patch P2) vs an ordinary batch of the same size, and the device's
-batch-cost curve (cost of n rows / cost of 1 row), after a fixed context.
+batch-cost curve (cost of n rows / cost of 1 row), after a fixed context; then the commit's cost
+per kept token, flash attention on and off.
 
 Every measurement is interleaved (ordinary, tree, ordinary, ...) and the median of --runs is shown,
 so machine noise hits both alike. Not a test: timings belong in benchmarks.
@@ -68,6 +69,23 @@ def main() -> None:
     for n in SIZES:
         o, t = med[n]["ordinary"], med[n]["tree"]
         print(f"| {n} | {o * 1e3:.2f} | {t * 1e3:.2f} | {t / o:.3f} | {o / one:.2f} | {n * one / o:.2f} |")
+
+    # the commit: a 15-row binary tree keeping the path 0-2-6-14 (3 of its 4 rows change cell)
+    parents, path = ((np.arange(15) - 1) // 2).astype(np.int32), [0, 2, 6, 14]
+    print(f"\ncommit of a 15-row tree keeping {len(path)} rows, median of {100 * args.runs}")
+    for flash in (True, False):
+        c = Session(model, n_ctx=args.context + 128, n_threads=args.threads, flash_attn=flash)
+        c.prefill(rng.integers(100, model.n_vocab - 1, size=args.context).tolist())
+        spent = []
+        for _ in range(100 * args.runs):
+            c.decode(rng.integers(100, model.n_vocab - 1, size=15).astype(np.int32), parents)
+            t0 = time.perf_counter()
+            c.commit(path)
+            spent.append(time.perf_counter() - t0)
+            c.truncate(args.context)
+        c.close()
+        print(f"  flash attention {'on ' if flash else 'off'}: "
+              f"{statistics.median(spent) * 1e6 / len(path):.1f} us per kept token")
 
 
 if __name__ == "__main__":
