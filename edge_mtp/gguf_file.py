@@ -245,8 +245,9 @@ def validate(path: str | Path, wanted=lambda key: False) -> Header:
 
 
 def checked(key: str) -> bool:
-    """The metadata keys check() needs decoded: dmtd.* and the special token ids."""
-    return key.startswith("dmtd.") or (key.startswith("tokenizer.ggml.") and key.endswith("_token_id"))
+    """The metadata keys check() needs decoded: dmtd.*, the special token ids and the file type."""
+    return key.startswith("dmtd.") or key == "general.type" or \
+        (key.startswith("tokenizer.ggml.") and key.endswith("_token_id"))
 
 
 def check(h: Header, name: str = "model") -> Header:
@@ -257,6 +258,8 @@ def check(h: Header, name: str = "model") -> Header:
     def bad(msg: str):
         return ModelError(f"{name}: {msg}")
 
+    if h.fields.get("general.type") == "adapter":
+        raise bad("is a LoRA adapter, not a model; load it with --lora over its base model")
     arch = h.architecture
     if arch is None:
         raise bad("general.architecture is missing or not a string")
@@ -289,3 +292,21 @@ def check(h: Header, name: str = "model") -> Header:
         raise bad(f"output.weight has shape {output.shape}, token_embd.weight {embd.shape}")
     h.dmtd = validate_dmtd(h.fields, n_layer, name)
     return h
+
+
+def validate_adapter(path: str | Path, architecture: str, n_layer: int) -> DmtdConfig | None:
+    """What a LoRA adapter passes before llama.cpp reads it over a base model of `architecture`
+    with `n_layer` layers: a well-formed header, general.type "adapter", the base's architecture
+    and dmtd.* keys that add up to the base's layers (returned, None without). llama.cpp checks
+    the rest against the base itself (adapter.type, tensor names and shapes) and says why it
+    refuses them."""
+    path = Path(path)
+    h = read_header(path, lambda k: k == "general.type" or k.startswith("dmtd."))
+    kind = h.fields.get("general.type")
+    if kind != "adapter":
+        raise ModelError(f"{path.name}: not a LoRA adapter (general.type is {kind!r}, not "
+                         "'adapter'); give the model with -m and its adapter with --lora")
+    if h.architecture != architecture:
+        raise ModelError(f"{path.name}: a LoRA adapter for {h.architecture}, but the base model "
+                         f"is {architecture}")
+    return validate_dmtd(h.fields, n_layer, path.name)

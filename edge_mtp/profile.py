@@ -167,13 +167,17 @@ def fit_scale(pairs, prior_weight: float) -> float:
 
 
 def profile_key(session: Session) -> str:
-    """Identity of what the curve depends on (a changed model file, build or mode re-measures)."""
+    """Identity of what the curve depends on (a changed model or adapter file, build or mode
+    re-measures; an adapter's extra matmuls make its curve its own, never mixed with the base's)."""
     from .backend.native import build_key
 
-    st = os.stat(session.model.path)
-    parts = [str(Path(session.model.path).resolve()), str(st.st_size), str(st.st_mtime_ns),
-             f"threads={session.n_threads}", f"build={build_key()}", f"exact={session.exact_rows}",
-             f"flash={session.flash_attn}", f"format={FORMAT}", platform.machine()]
+    files = [session.model.path] + ([session.model.lora] if session.model.lora else [])
+    parts = []
+    for path in files:
+        st = os.stat(path)
+        parts += [str(Path(path).resolve()), str(st.st_size), str(st.st_mtime_ns)]
+    parts += [f"threads={session.n_threads}", f"build={build_key()}", f"exact={session.exact_rows}",
+              f"flash={session.flash_attn}", f"format={FORMAT}", platform.machine()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, RequestError
-from ..gguf_file import validate
+from ..gguf_file import validate, validate_adapter
 from . import native
 
 
@@ -46,12 +46,24 @@ def quantize_model(src: str | Path, dst: str | Path, weight_type: str) -> Path:
 
 
 class Model:
-    """Weights and vocabulary of one GGUF file (shared by every Session made from it)."""
+    """Weights and vocabulary of one GGUF file (shared by every Session made from it), and the
+    LoRA adapter over them, if any (every Session applies it)."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int | None = None):
+    def __init__(self, path: str | Path, n_gpu_layers: int | None = None,
+                 lora: str | Path | None = None):
         ll = native.llama()
         self.path = Path(path)
-        self.dmtd = validate(self.path).dmtd  # refuse a malformed file before llama.cpp reads it
+        self.lora = Path(lora) if lora is not None else None
+        self.adapter = None  # llama.cpp's adapter, for Session
+        header = validate(self.path)  # refuse a malformed file before llama.cpp reads it
+        self.dmtd = header.dmtd
+        if self.lora is not None:  # the adapter's header too, before loading anything
+            lora_dmtd = validate_adapter(self.lora, header.architecture,
+                                         header.fields[f"{header.architecture}.block_count"])
+            if lora_dmtd is not None and self.dmtd is not None:
+                raise ModelError(f"{self.lora.name}: carries dmtd.* keys and so does its base "
+                                 f"{self.path.name}; only one of them may define the DMTD split")
+            self.dmtd = lora_dmtd or self.dmtd
         params = ll.llama_model_default_params()
         if n_gpu_layers is not None:
             params.n_gpu_layers = n_gpu_layers
@@ -60,6 +72,13 @@ class Model:
         if not self.ptr:
             raise ModelError(f"{self.path}: llama.cpp could not load the model ({native.last_log_error()})")
         self._ll = ll
+        if self.lora is not None:
+            native.clear_log()
+            self.adapter = ll.llama_adapter_lora_init(self.ptr, str(self.lora).encode())
+            if not self.adapter:
+                reason = native.last_log_error()
+                self.close()
+                raise ModelError(f"{self.lora}: llama.cpp could not load the LoRA adapter ({reason})")
         self.vocab = ll.llama_model_get_vocab(self.ptr)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.n_embd = ll.llama_model_n_embd(self.ptr)
@@ -75,6 +94,10 @@ class Model:
         self._chat_formatter = None
 
     def close(self) -> None:
+        """Free the adapter, then the weights (close every Session made from it first)."""
+        if getattr(self, "adapter", None):
+            self._ll.llama_adapter_lora_free(self.adapter)
+            self.adapter = None
         if getattr(self, "ptr", None):
             self._ll.llama_model_free(self.ptr)
             self.ptr = None

@@ -54,6 +54,9 @@ class Session:
         if not self.ctx:
             raise BackendError(f"could not create a llama.cpp context ({native.last_log_error()})")
         self._ll = ll
+        if model.adapter:  # every context of the model, scratch ones too: costs include the adapter
+            ll.llama_set_adapters_lora(self.ctx, (ll.llama_adapter_lora_p_ctypes * 1)(model.adapter),
+                                       1, (ctypes.c_float * 1)(1.0))  # returns 0 whatever happens
         self.exact_rows = exact_rows and native.fn("edge_mtp_set_exact_rows")(self.ctx, True) == 0
         self.n_ctx = ll.llama_n_ctx(self.ctx)
         self.mem = ll.llama_get_memory(self.ctx)
