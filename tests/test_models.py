@@ -13,6 +13,9 @@ def test_manifests_name_both_models():
     m = models.manifests()
     assert {"smollm2-135m", "gemma3-270m"} <= set(m)
     for man in m.values():
+        if isinstance(man, models.AdapterManifest):  # an adapter over a known base
+            assert isinstance(m[man.base], models.Manifest) and len(man.adapter_sha256) == 64
+            continue
         assert len(man.sha256) == 64 and man.size > 1_000_000 and man.source
         assert man.filename.endswith(".gguf")
 
