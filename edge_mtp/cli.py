@@ -28,10 +28,15 @@ def clean_errors(fn):
     return wrapper
 
 
+LORA_OPTION = click.option("--lora", default=None, type=click.Path(dir_okay=False),
+                           help="LoRA adapter GGUF (llama.cpp's format) to apply over the model")
+
+
 def engine_options(fn):
     for opt in reversed([
         click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
                      help="model name (see `edge-mtp models`) or path to a .gguf file"),
+        LORA_OPTION,
         click.option("-c", "--ctx-size", "n_ctx", default=4096, show_default=True, type=int,
                      help="context size in tokens (0 = the model's training context)"),
         click.option("-t", "--threads", "n_threads", default=None, type=int,
@@ -66,12 +71,12 @@ def sampling_options(fn):
     return fn
 
 
-def make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+def make_engine(model, lora, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
                 verbose_backend):
     from .engine import Engine
 
     options = {k: v for k, v in (("budget", budget), ("masks", masks)) if v is not None}
-    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, strategy=strategy,
+    engine = Engine(model, lora=lora, n_ctx=n_ctx, n_threads=n_threads, strategy=strategy,
                     strategy_options=options, flash_attn=flash_attn, exact_rows=exact_rows,
                     verbose=verbose_backend)
     if strategy.partition(":")[0] == "auto":
@@ -99,11 +104,11 @@ def main():
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with text, tokens and stats")
 @clean_errors
-def generate(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+def generate(model, lora, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
              verbose_backend, temperature, top_k, top_p, min_p, seed, prompt, max_tokens, stop, as_json):
     """Complete a prompt, streaming text to stdout (or one JSON object with --json)."""
-    engine = make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
-                         verbose_backend)
+    engine = make_engine(model, lora, n_ctx, n_threads, strategy, budget, masks, flash_attn,
+                         exact_rows, verbose_backend)
     stream = engine.stream(prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, seed=seed, stop=list(stop))
     if as_json:
@@ -123,14 +128,14 @@ def generate(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact
               help="most tokens per answer (-1 = until EOS or the context is full)")
 @click.option("--system", default=None, help="system prompt")
 @clean_errors
-def chat(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows, verbose_backend,
-         temperature, top_k, top_p, min_p, seed, max_tokens, system):
+def chat(model, lora, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+         verbose_backend, temperature, top_k, top_p, min_p, seed, max_tokens, system):
     """Chat in the terminal. /bye quits, /clear forgets, /set verbose shows stats; Ctrl-C stops an
     answer, Ctrl-D exits."""
     from .repl import ChatRepl
 
-    engine = make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
-                         verbose_backend)
+    engine = make_engine(model, lora, n_ctx, n_threads, strategy, budget, masks, flash_attn,
+                         exact_rows, verbose_backend)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     ChatRepl(engine, model, sampling, max_tokens, system).run()
 
@@ -138,6 +143,7 @@ def chat(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_row
 @main.command()
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
               help="model name (see `edge-mtp models`) or path to a .gguf file")
+@LORA_OPTION
 @click.option("-t", "--threads", "n_threads", default=None, type=int,
               help="CPU threads (default: all cores, at most 8)")
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
@@ -150,7 +156,7 @@ def chat(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_row
 @click.option("--show", is_flag=True,
               help="measure nothing: show the cached curve, what recent runs saw and where auto starts")
 @clean_errors
-def calibrate(model, n_threads, flash_attn, exact_rows, rounds, late_layers, as_json, show):
+def calibrate(model, lora, n_threads, flash_attn, exact_rows, rounds, late_layers, as_json, show):
     """Measure what a forward pass of n rows costs here (n = 1..64), the curve `auto` decides by.
 
     The profile is cached per model file, threads, backend build and mode, and re-measured here;
@@ -159,10 +165,11 @@ def calibrate(model, n_threads, flash_attn, exact_rows, rounds, late_layers, as_
 
     from .backend import Model, Session
     from .errors import RequestError
-    from .models import resolve_model
+    from .models import resolve
     from .profile import CONTEXT, GRID, load_profile, measure
 
-    m = Model(resolve_model(model))
+    files = resolve(model, lora)
+    m = Model(files.path, lora=files.lora)
     for d in late_layers:
         if d > m.n_layer:
             raise RequestError(f"--late-layers {d}: the model has {m.n_layer} layers")
@@ -185,7 +192,8 @@ def calibrate(model, n_threads, flash_attn, exact_rows, rounds, late_layers, as_
 @click.argument("name")
 @clean_errors
 def pull(name):
-    """Download a known model into the local cache (checksum verified)."""
+    """Download a known model into the local cache (checksum verified); for a model shipped as a
+    LoRA adapter, its base (the adapter, shipped with edge-mtp, is checked)."""
     from .models import pull as pull_model
 
     click.echo(str(pull_model(name)))
@@ -206,6 +214,7 @@ def models():
 @main.command()
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
               help="model name (see `edge-mtp models`) or path to a .gguf file")
+@LORA_OPTION
 @click.option("--data", required=True, help="questions as Spec-Bench JSONL (question_id, category, turns)")
 @click.option("--strategies", default="plain,lookup,probe:4,probe:10", show_default=True,
               help="comma-separated strategies to compare (plain, the reference, is always run)")
@@ -227,7 +236,7 @@ def models():
                    "llama-server:TYPE[,TYPE...] (spec types, e.g. ngram-mod,ngram-simple); built "
                    "once from the pinned source and cached")
 @clean_errors
-def bench(model, data, strategies, max_tokens, limit, out, n_threads, n_ctx, temperature, seed, peer):
+def bench(model, lora, data, strategies, max_tokens, limit, out, n_threads, n_ctx, temperature, seed, peer):
     """Compare strategies on a benchmark, interleaved per turn: MAT, tokens/s, speedup vs plain and
     token equality with plain, per subtask; writes results.json, results.md and speedup.png."""
     import re
@@ -250,7 +259,10 @@ def bench(model, data, strategies, max_tokens, limit, out, n_threads, n_ctx, tem
 
         peer_names = peers_mod.parse_peer(peer)
     questions = benchmark.load_questions(data, limit)
-    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads)
+    engine = Engine(model, lora=lora, n_ctx=n_ctx, n_threads=n_threads)
+    if peer_names and engine.model.lora:
+        raise RequestError("--peer runs llama-server on the base model alone; it cannot compare "
+                           "a model with a LoRA adapter")
     command = shlex.join(["edge-mtp", *sys.argv[1:]])
     if out is None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", engine.model_name)
@@ -334,16 +346,16 @@ def inspect(file, as_json):
               help="requests that may wait while one runs; more get 503")
 @click.option("--alias", default=None, help="model id the server reports [default: the model's name]")
 @clean_errors
-def serve(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows, verbose_backend,
-          host, port, api_key, max_queue, alias):
+def serve(model, lora, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
+          verbose_backend, host, port, api_key, max_queue, alias):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health); needs the `server` extra."""
     try:
         from .server import serve as run_server
     except ImportError as e:
         raise EdgeMTPError(f"the server needs its extra: pip install 'edge-mtp[server]' ({e})") from None
-    engine = make_engine(model, n_ctx, n_threads, strategy, budget, masks, flash_attn, exact_rows,
-                         verbose_backend)
+    engine = make_engine(model, lora, n_ctx, n_threads, strategy, budget, masks, flash_attn,
+                         exact_rows, verbose_backend)
     click.echo(f"edge-mtp: serving {alias or engine.model_name} ({strategy}) on "
                f"http://{host}:{port}/v1", err=True)
     run_server(engine, host=host, port=port, api_key=api_key, max_queue=max_queue, model_id=alias)

@@ -16,7 +16,7 @@ from typing import Iterator
 from .backend import Model, Session
 from .errors import RequestError
 from .generation import Generation
-from .models import resolve_model
+from .models import resolve
 from .sampling import Sampler, SamplingParams, TokenLogprob
 from .strategies import make_strategy
 from .strategies.auto import AutoState
@@ -147,12 +147,15 @@ class Engine:
     but speculative outputs may then differ from plain decoding at near-ties.
 
     n_gpu_layers and n_batch are llama.cpp's (as in llama_cpp.Llama): layers offloaded to a GPU
-    backend where the build has one (None: llama.cpp's default), rows per decode call."""
+    backend where the build has one (None: llama.cpp's default), rows per decode call.
+
+    lora: a LoRA adapter GGUF (llama.cpp's format) applied over the model in every pass; a known
+    model shipped as an adapter (e.g. "smollm2-135m-dmtd") brings its own."""
 
     def __init__(self, model: str = "smollm2-135m", n_ctx: int = 4096, n_threads: int | None = None,
                  strategy: str = "auto", flash_attn: bool = True, verbose: bool = False,
                  strategy_options: dict | None = None, exact_rows: bool = True,
-                 n_gpu_layers: int | None = None, n_batch: int = 512):
+                 n_gpu_layers: int | None = None, n_batch: int = 512, lora: str | None = None):
         from .backend import native
 
         native.set_verbose(verbose)
@@ -161,11 +164,14 @@ class Engine:
         self.strategy_options = dict(strategy_options or {})
         make_strategy(strategy, **self.strategy_options)  # refuse bad names before loading anything
         self.strategy = strategy
-        self.model_path = resolve_model(model)
-        self.model = Model(self.model_path, n_gpu_layers=n_gpu_layers)
+        files = resolve(model, lora)
+        self.model_path = files.path
+        self.model = Model(files.path, n_gpu_layers=n_gpu_layers, lora=files.lora)
         self.session = Session(self.model, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn,
                                exact_rows=exact_rows, n_batch=n_batch)
         self.model_name = model if self.model_path.name != model else self.model_path.stem
+        if lora is not None:  # results and the server name what answered: base plus adapter
+            self.model_name += f"+{files.lora.stem}"
         self._lock = threading.Lock()
         self._streaming_thread: int | None = None
         self._auto = AutoState()  # what auto learns here carries from request to request
