@@ -252,26 +252,37 @@ def test_convert_options_inspect_and_refusals(hf_checkpoint, tmp_path):
 
 
 # -- the fine-tuning recipe -----------------------------------------------------------------------
-def test_finetune_runs_and_its_forward_matches_the_decoding_loop(hf_checkpoint, tmp_path, reference):
+def test_finetune_forward_matches_the_decoding_loop_and_resumes(tiny_dmtd, tmp_path, reference):
     """The training forward (every row through every layer, gated by the cycle phase anchored at
-    the prompt end) predicts what the decoding loop with cyclical refilling predicts, and a few
-    self-distillation steps on a tiny base model lower the loss and write a convertible folder."""
+    the prompt end) predicts what the decoding loop with cyclical refilling predicts; a few
+    self-distillation steps lower the loss; a run stopped and resumed from its checkpoint takes
+    the very steps of an uninterrupted one."""
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
     tune = load_tool("dmtd_finetune")
-    base = hf_checkpoint("qwen3", split=(0, 2, 2), seed=2, dmtd=False)
+    split = DmtdConfig(0, 2, 2, 4)
+    base = tiny_dmtd("llama", "E0")
     prompt = [504, 3058, 282, 253, 1029, 28, 436]
-    want, margins = reference.dmtd_generate(base, prompt, 24, 3, DmtdConfig(0, 2, 2, 4))
+    want, margins = reference.dmtd_generate(base, prompt, 24, 3, split)
     assert min(margins) > 1e-3
-    model = tune.Model(json.loads((base / "config.json").read_text()),
-                       {k: v.float() for k, v in tune.load_file(str(base / "model.safetensors")).items()})
-    seq = torch.tensor(prompt + want)
+    model = tune.Model(reference.Weights(base))
+    seq = torch.tensor([prompt + want])
     with torch.no_grad():
-        logits = model.logits(seq, (0, 2, 2), tune.cycle_gate(len(seq), len(prompt), 3))
-    assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == want
-    losses = tune.finetune(base, tmp_path / "dmtd", (0, 2, 2), 3, [prompt, prompt[::-1]], steps=10,
-                           gen_tokens=12, lr=3e-3, log=lambda _: None)
-    assert losses[-2] < 0.8 * losses[0] and losses[-1] < 0.8 * losses[1], losses  # each sequence
-    config = json.loads((tmp_path / "dmtd" / "config.json").read_text())
-    assert config["architectures"] == ["MTPQwen3ForCausalLM"]
-    assert reference.Weights(tmp_path / "dmtd").dmtd == DmtdConfig(0, 2, 2, 3)
+        logits = model.dmtd_logits(seq, split, tune.cycle_gate(seq.shape[1], len(prompt), 3)[None])
+    assert logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == want
+
+    lines = [{"tokens": prompt + want, "prompt_len": len(prompt)},
+             {"tokens": prompt[::-1] + want[::-1], "prompt_len": len(prompt)}] * 4
+
+    def run(out, steps):
+        tune.train(base, lines, out, split, rank=4, cycles=(3,), lr=3e-2, bsz=2, steps=steps, eval_lines=2,
+                   eval_every=5, bf16=False, log=lambda _: None)
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    whole = run(tmp_path / "whole", 12)
+    assert sum(r["loss"] for r in whole[-3:]) < 0.7 * sum(r["loss"] for r in whole[:3]), whole
+    assert all(len(r["eval"]["4"]) == 4 for r in whole if "eval" in r)
+    run(tmp_path / "resumed", 5)
+    resumed = run(tmp_path / "resumed", 12)
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-4)

@@ -1,99 +1,148 @@
 #!/usr/bin/env python3
-"""Self-distil a base model (Hugging Face llama or qwen3 folder) into a DMTD model, and write a
-Hugging Face checkpoint that `edge-mtp convert` takes. Needs torch (`pip install 'edge-mtp[convert]'`).
+"""Self-distil a GGUF base model into a DMTD model, shipped as a llama.cpp LoRA adapter GGUF.
 
-The recipe follows the DMTD authors (papers.md §1.4): every transformer layer is trained, the
-token embeddings and the output head stay frozen; all positions of a sequence run every layer
-with causal attention, and the decoding layers' input is h_enc + m * h_think with the cycle gate m.
-The gate follows edge-mtp's decoding (docs/dmtd.md): m = 1 on prompt rows, then 1 on every
-cycle-th generated row counted from the prompt end. Targets are the base model's own next-token
-distributions (self-distillation: KL(teacher || student) on the generated rows), on continuations
-the base model writes greedily for the given prompts.
+DMTD (papers.md §1) teaches the last D layers to write the next tokens of a cycle from token
+embeddings alone. The authors fine-tune every layer on ~1.5B tokens; a CPU session affords ~1M,
+so this trains what a cycle's non-head steps actually run and leaves the rest as it is: the
+encoding and thinking layers [0, E+T) stay the base model's (their output for every row is then
+the base model's own, computed once per batch without gradients), and the decoding layers learn
+through LoRA (or, with --full, by full fine-tuning, for comparisons at equal compute). Token
+embeddings and output head stay frozen, as in the paper.
 
-The real recipe for a 4B model: ~1.5B tokens (the authors distil AM-Thinking-v1 answers), 4k
-context, lr 1e-4 with warmup 0.1 and cosine decay, AdamW betas (0.9, 0.95), grad clip 1.0, global
-batch ~512 sequences, bf16. The defaults here are for a smoke run on a tiny model.
+One training row runs as the decoding loop with cyclical refilling runs it (docs/dmtd.md): every
+row's thinking-layer output is the base model's on the real sequence, and the decoding layers get
+h_enc + m * h_think, with m = 1 on prompt rows and on every cycle-th answer row counted from the
+prompt end (the cycle is drawn per sequence from --cycles, so one adapter serves several tau).
+The loss is KL(base || student) over the answer rows, the teacher being the base model's own
+decoding layers on h_think. Data: tools/dmtd_data.py (the base model's own chat answers).
 
-    python tools/dmtd_finetune.py BASE_HF_DIR -o OUT_DIR --split 0,22,8 --cycle 4 \\
-        --prompts prompts.txt --steps 200 --gen-tokens 128
+    python tools/dmtd_finetune.py -m smollm2-135m --data train.jsonl -o run/ --split 0,22,8 \\
+        --rank 32 --minutes 45          # resumable: the same command continues from run/ckpt.pt
+    python tools/dmtd_finetune.py ... --export run/adapter.gguf   # write the adapter and stop
+
+Logs (run/log.jsonl): loss, tokens seen, and every --eval-every steps the teacher-forced top-1
+agreement with the base model at each cycle position on held-back lines of the data.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import shutil
+import random
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-FROZEN = ("model.embed_tokens.weight", "lm_head.weight")
-DMTD_ARCH = {"qwen3": "MTPQwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dmtd_reference import Weights  # noqa: E402
+from edge_mtp.gguf_meta import DmtdConfig  # noqa: E402
+
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 class Model:
-    """A llama/qwen3 decoder over a Hugging Face state dict, with the DMTD gate."""
+    """A llama/qwen2/qwen3 decoder over GGUF tensors (llama.cpp's layout and RoPE pairing), with the
+    DMTD gate and trainable low-rank (or full) updates on some layers."""
 
-    def __init__(self, config: dict, weights: dict[str, torch.Tensor]):
-        self.c, self.w = config, weights
-        self.n_layer = config["num_hidden_layers"]
-        self.n_head = config["num_attention_heads"]
-        self.n_kv = config.get("num_key_value_heads", self.n_head)
-        self.hd = config.get("head_dim", config["hidden_size"] // self.n_head)
-        self.eps = config["rms_norm_eps"]
-        inv = config.get("rope_theta", 10000.0) ** (-torch.arange(0, self.hd, 2).float() / self.hd)
-        self.inv_freq = inv
-        if "lm_head.weight" not in weights:  # tied head
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    def __init__(self, w: Weights, dtype=torch.float32):
+        self.w, self.dtype = w, dtype
+        self.t = {k: torch.from_numpy(v).to(dtype) for k, v in w.t.items()}
+        half = w.n_rot // 2
+        self.inv_freq = w.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / w.n_rot)
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scale = 1.0
+        self.original: dict[str, torch.Tensor] = {}  # the base's copy of fully trained tensors
+
+    def add_lora(self, layers, rank: int, alpha: float, seed: int) -> list[torch.Tensor]:
+        """A (rank, n_in) small random, B (n_out, rank) zero: training starts at the base model."""
+        g = torch.Generator().manual_seed(seed)
+        self.scale = alpha / rank
+        for il in layers:
+            for m in MATRICES:
+                n_out, n_in = self.t[f"blk.{il}.{m}.weight"].shape
+                a = (torch.randn(rank, n_in, generator=g) / math.sqrt(n_in)).requires_grad_()
+                self.lora[f"blk.{il}.{m}.weight"] = (a, torch.zeros(n_out, rank, requires_grad=True))
+        return [p for ab in self.lora.values() for p in ab]
+
+    def unfreeze(self, layers) -> list[torch.Tensor]:
+        """Full fine-tuning of these layers' weights (float32 master copies)."""
+        names = [k for k in self.t if any(k.startswith(f"blk.{il}.") for il in layers)]
+        for k in names:
+            self.original[k] = self.t[k]
+            self.t[k] = self.t[k].float().requires_grad_()
+        return [self.t[k] for k in names]
+
+    def mm(self, x, name):
+        y = x @ self.t[name].to(x.dtype).T
+        if name in self.lora:
+            a, b = self.lora[name]
+            y = y + self.scale * ((x @ a.to(x.dtype).T) @ b.to(x.dtype).T)
+        bias = self.t.get(name.replace(".weight", ".bias"))
+        return y if bias is None else y + bias.to(x.dtype)
 
     def norm(self, x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.w[name]
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.w.eps)).to(x.dtype) \
+            * self.t[name].to(x.dtype)
 
     def rope(self, x, pos):
-        f = pos[:, None].float() * self.inv_freq[None]
-        cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos[:, None] + rot * sin[:, None]
+        n_rot, half = self.w.n_rot, self.w.n_rot // 2
+        f = pos[:, None].double() * self.inv_freq[None]
+        cos, sin = f.cos().to(x.dtype)[:, None], f.sin().to(x.dtype)[:, None]
+        if self.w.neox:
+            a, b = x[..., :half], x[..., half:n_rot]
+        else:
+            a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        rot = torch.cat([ra, rb], -1) if self.w.neox else torch.stack([ra, rb], -1).flatten(-2)
+        return torch.cat([rot, x[..., n_rot:]], -1)
 
     def layer(self, il, x, pos):
-        w, p, n = self.w, f"model.layers.{il}.", x.shape[0]
-        h = self.norm(x, p + "input_layernorm.weight")
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(n, self.n_head, self.hd)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(n, self.n_kv, self.hd)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(n, self.n_kv, self.hd)
-        if p + "self_attn.q_norm.weight" in w:
-            q, k = self.norm(q, p + "self_attn.q_norm.weight"), self.norm(k, p + "self_attn.k_norm.weight")
+        """x: (batch, rows, n_embd); causal attention over each sequence's rows."""
+        w, p = self.w, f"blk.{il}."
+        bsz, n = x.shape[:2]
+        h = self.norm(x, p + "attn_norm.weight")
+        q = self.mm(h, p + "attn_q.weight").view(bsz, n, w.n_head, w.head_dim)
+        k = self.mm(h, p + "attn_k.weight").view(bsz, n, w.n_head_kv, w.head_dim)
+        v = self.mm(h, p + "attn_v.weight").view(bsz, n, w.n_head_kv, w.head_dim)
+        if p + "attn_q_norm.weight" in self.t:
+            q, k = self.norm(q, p + "attn_q_norm.weight"), self.norm(k, p + "attn_k_norm.weight")
         q, k = self.rope(q, pos), self.rope(k, pos)
-        rep = self.n_head // self.n_kv
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        a = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           is_causal=True)
-        x = x + a.transpose(0, 1).reshape(n, -1) @ w[p + "self_attn.o_proj.weight"].T
-        h = self.norm(x, p + "post_attention_layernorm.weight")
-        ff = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
-        return x + ff @ w[p + "mlp.down_proj.weight"].T
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=w.n_head != w.n_head_kv)
+        x = x + self.mm(a.transpose(1, 2).reshape(bsz, n, -1), p + "attn_output.weight")
+        h = self.norm(x, p + "ffn_norm.weight")
+        ff = F.silu(self.mm(h, p + "ffn_gate.weight")) * self.mm(h, p + "ffn_up.weight")
+        return x + self.mm(ff, p + "ffn_down.weight")
 
-    def logits(self, tokens, split=None, gate=None):
-        """Logits of every row; with split = (E, T, D) the decoding layers get h_enc + gate * h_think."""
-        x = self.w["model.embed_tokens.weight"][tokens]
-        pos = torch.arange(len(tokens))
-        if split is None:
-            for il in range(self.n_layer):
-                x = self.layer(il, x, pos)
-        else:
-            e, t, _ = split
-            for il in range(e):
-                x = self.layer(il, x, pos)
-            h_enc = x
-            for il in range(e, e + t):
-                x = self.layer(il, x, pos)
-            x = h_enc + gate[:, None] * x
-            for il in range(e + t, self.n_layer):
-                x = self.layer(il, x, pos)
-        return self.norm(x, "model.norm.weight") @ self.w["lm_head.weight"].T
+    def layers(self, lo, hi, x, pos):
+        for il in range(lo, hi):
+            x = self.layer(il, x, pos)
+        return x
+
+    def head(self, x):
+        return self.norm(x, "output_norm.weight") @ self.t["output.weight"].to(x.dtype).T
+
+    def dmtd_logits(self, tokens, split: DmtdConfig, gate, base_too: bool = False):
+        """Logits of every row under the DMTD gate, and (base_too) the base model's, which shares
+        the frozen early layers. tokens, gate: (batch, rows)."""
+        pos = torch.arange(tokens.shape[1])
+        x = self.t["token_embd.weight"][tokens].to(self.dtype)
+        e, late = split.encoding_layers, split.late_start
+        with torch.no_grad():
+            h_enc = self.layers(0, e, x, pos)
+            h_think = self.layers(e, late, h_enc, pos)
+            if base_too:  # the base model's own decoding layers on h_think
+                saved, self.lora = (self.lora, self.t), {}
+                self.t = {**self.t, **self.original}
+                base = self.head(self.layers(late, self.w.n_layer, h_think, pos)).float()
+                self.lora, self.t = saved
+        student = self.head(self.layers(late, self.w.n_layer, h_enc + gate[..., None].to(x.dtype) * h_think, pos))
+        return (student.float(), base) if base_too else student.float()
 
 
 def cycle_gate(n: int, prompt_len: int, cycle: int) -> torch.Tensor:
@@ -102,88 +151,159 @@ def cycle_gate(n: int, prompt_len: int, cycle: int) -> torch.Tensor:
     return ((i < prompt_len) | ((i - prompt_len) % cycle == 0)).float()
 
 
-@torch.no_grad()
-def teacher_data(base: Model, prompts: list[list[int]], gen_tokens: int, eos: set[int]) -> list[tuple]:
-    """(tokens, prompt_len, teacher log-probs of every row) per prompt; greedy continuations."""
-    data = []
-    for prompt in prompts:
-        seq = list(prompt)
-        for _ in range(gen_tokens):
-            nxt = int(base.logits(torch.tensor(seq))[-1].argmax())
-            if nxt in eos:
-                break
-            seq.append(nxt)
-        tokens = torch.tensor(seq)
-        data.append((tokens, len(prompt), F.log_softmax(base.logits(tokens), -1)))
-    return data
+def batch_of(lines: list[dict], cycles: list[int]):
+    """Right-padded tokens, gates, answer-row mask and cycle position of each row."""
+    n = max(len(d["tokens"]) for d in lines)
+    tokens = torch.zeros(len(lines), n, dtype=torch.long)
+    gate, rows, phase = torch.zeros(len(lines), n), torch.zeros(len(lines), n, dtype=torch.bool), \
+        torch.full((len(lines), n), -1)
+    for b, (d, c) in enumerate(zip(lines, cycles)):
+        t, plen = d["tokens"], d["prompt_len"]
+        tokens[b, :len(t)] = torch.tensor(t)
+        gate[b, :len(t)] = cycle_gate(len(t), plen, c)
+        rows[b, plen - 1:len(t) - 1] = True  # rows whose next token is an answer token
+        phase[b, plen - 1:len(t)] = (torch.arange(plen - 1, len(t)) - plen) % c  # -1: the prompt's last row
+    return tokens, gate, rows, phase
 
 
-def finetune(base_dir: Path, out_dir: Path, split: tuple[int, int, int], cycle: int,
-             prompts: list[list[int]], steps: int, gen_tokens: int = 32, lr: float = 1e-4,
-             warmup: float = 0.1, seed: int = 0, log=print) -> list[float]:
-    """Train and write the DMTD checkpoint; returns the loss of every step."""
+def kl_and_agreement(student, base, rows):
+    logp, logq = F.log_softmax(student[rows], -1), F.log_softmax(base[rows], -1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)
+    return kl.mean(), student[rows].argmax(-1) == base[rows].argmax(-1)
+
+
+def evaluate(model, lines, split, cycle: int, bsz: int) -> list[float]:
+    """Teacher-forced top-1 agreement with the base model per cycle position, at this cycle (the
+    row after the prompt's last counts as position 0, the head the prompt pass produces)."""
+    hits, counts = torch.zeros(cycle), torch.zeros(cycle)
+    with torch.no_grad():
+        for i in range(0, len(lines), bsz):
+            tokens, gate, rows, phase = batch_of(lines[i:i + bsz], [cycle] * len(lines[i:i + bsz]))
+            student, base = model.dmtd_logits(tokens, split, gate, base_too=True)
+            _, same = kl_and_agreement(student, base, rows)
+            ph = (phase[rows] + 1) % cycle  # row r predicts token r+1, which sits at phase[r] + 1
+            hits += torch.bincount(ph, weights=same.float(), minlength=cycle)
+            counts += torch.bincount(ph, minlength=cycle).float()
+    return (hits / counts.clamp(min=1)).tolist()
+
+
+def batches(lines: list[dict], bsz: int, rng: random.Random):
+    """Endless shuffled batches of similar lengths (little padding)."""
+    while True:
+        order = list(range(len(lines)))
+        rng.shuffle(order)
+        chunks = [sorted(order[i:i + 16 * bsz], key=lambda j: len(lines[j]["tokens"]))
+                  for i in range(0, len(order), 16 * bsz)]
+        group = [c[i:i + bsz] for c in chunks for i in range(0, len(c), bsz)]
+        rng.shuffle(group)
+        yield from group
+
+
+def train(base_path: Path, lines: list[dict], out: Path, split: DmtdConfig, *, rank: int = 32,
+          full: bool = False, cycles=(2, 3, 4), lr: float = 1e-3, bsz: int = 8, steps: int = 10**9,
+          minutes: float = 1e9, eval_lines: int = 32, eval_every: int = 100, seed: int = 0,
+          bf16: bool = True, log=print) -> Model:
+    """Train (resuming from out/ckpt.pt if present) until steps or minutes; returns the model."""
     torch.manual_seed(seed)
-    config = json.loads((base_dir / "config.json").read_text())
-    if sum(split) != config["num_hidden_layers"]:
-        raise SystemExit(f"split {split} does not add up to {config['num_hidden_layers']} layers")
-    weights = {}
-    for f in sorted(base_dir.glob("*.safetensors")):
-        weights.update({k: v.float() for k, v in load_file(str(f)).items()})
-    eos = config.get("eos_token_id", [])
-    eos = set(eos if isinstance(eos, list) else [eos])
-    data = teacher_data(Model(config, dict(weights)), prompts, gen_tokens, eos)
-    student = Model(config, {k: v.clone().requires_grad_(k not in FROZEN) for k, v in weights.items()})
-    params = [v for k, v in student.w.items() if v.requires_grad]
+    model = Model(Weights(base_path), torch.bfloat16 if bf16 else torch.float32)
+    dec = range(split.late_start, model.w.n_layer)
+    params = model.unfreeze(dec) if full else model.add_lora(dec, rank, float(rank), seed)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    n_warm = max(1, int(warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / n_warm, 0.5 * (1 + math.cos(
-        math.pi * min(1.0, max(0, s - n_warm) / max(1, steps - n_warm))))))
-    losses = []
-    for step in range(steps):
-        tokens, plen, teacher = data[step % len(data)]
-        logp = F.log_softmax(student.logits(tokens, split, cycle_gate(len(tokens), plen, cycle)), -1)
-        rows = slice(plen - 1, len(tokens))  # rows that predict generated tokens (and the next)
-        loss = F.kl_div(logp[rows], teacher[rows], log_target=True, reduction="batchmean")
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        log(f"step {step + 1}/{steps} loss {losses[-1]:.4f}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in student.w.items()
-               if not (k == "lm_head.weight" and config.get("tie_word_embeddings"))},
-              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    model_type = config.get("model_type", "llama")
-    config.update(architectures=[DMTD_ARCH.get(model_type, config["architectures"][0])],
-                  num_encoding_layers=split[0], num_thinking_layers=split[1],
-                  num_decoding_layers=split[2], mtp_horizon=cycle)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    for f in base_dir.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
-            shutil.copy(f, out_dir / f.name)
-    return losses
+    held, train_lines = lines[:eval_lines], lines[eval_lines:]
+    state = {"step": 0, "tokens": 0, "seconds": 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        with torch.no_grad():
+            for p, v in zip(params, saved["params"]):
+                p.copy_(v)
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+    feed = batches(train_lines, bsz, random.Random(seed))
+    for _ in range(state["step"]):  # the same batch order as an uninterrupted run
+        next(feed)
+    warm = 50
+    t0, start_seconds = time.perf_counter(), state["seconds"]
+
+    def save():
+        state["seconds"] = start_seconds + time.perf_counter() - t0
+        torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "state": state,
+                    "rank": rank, "full": full, "split": split.kv()}, ckpt.with_suffix(".tmp"))
+        ckpt.with_suffix(".tmp").replace(ckpt)
+
+    with (out / "log.jsonl").open("a") as logf:
+        while state["step"] < steps and time.perf_counter() - t0 < minutes * 60:
+            idx = next(feed)
+            pick = random.Random(seed * 1_000_003 + state["step"])  # resumable: a function of the step
+            chosen = [pick.choice(cycles) for _ in idx]
+            tokens, gate, rows, _ = batch_of([train_lines[j] for j in idx], chosen)
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (state["step"] + 1) / warm)
+            student, base = model.dmtd_logits(tokens, split, gate, base_too=True)
+            loss, same = kl_and_agreement(student, base, rows)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            state["step"] += 1
+            state["tokens"] += int(rows.sum())
+            rec = {"step": state["step"], "tokens": state["tokens"], "loss": round(loss.item(), 4),
+                   "agree": round(same.float().mean().item(), 4),
+                   "seconds": round(start_seconds + time.perf_counter() - t0, 1)}
+            if state["step"] % eval_every == 0:
+                rec["eval"] = {c: [round(a, 4) for a in evaluate(model, held, split, c, bsz)] for c in (2, 4)}
+                save()
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            if state["step"] % 10 == 0 or "eval" in rec:
+                log(json.dumps(rec))
+    save()
+    return model
+
+
+def export(model: Model, split: DmtdConfig, path: Path, cycle: int, arch: str) -> Path:
+    """The trained low-rank updates as a llama.cpp LoRA adapter GGUF with the dmtd.* keys."""
+    from lora_gguf import write_lora_adapter
+
+    rank = next(iter(model.lora.values()))[0].shape[0]
+    pairs = {name: (a.detach().float().numpy(), b.detach().float().numpy())
+             for name, (a, b) in model.lora.items()}
+    kv = DmtdConfig(split.encoding_layers, split.thinking_layers, split.decoding_layers, cycle).kv()
+    write_lora_adapter(path, arch, pairs, alpha=model.scale * rank, extra_kv=kv)
+    return path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("base", type=Path, help="Hugging Face folder of the base model")
-    ap.add_argument("-o", "--out", type=Path, required=True)
-    ap.add_argument("--split", required=True, help="encoding,thinking,decoding layer counts (e.g. 0,22,8)")
-    ap.add_argument("--cycle", type=int, default=4)
-    ap.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--gen-tokens", type=int, default=64, help="teacher continuation length")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("-m", "--model", default="smollm2-135m", help="base model name or GGUF path")
+    ap.add_argument("--data", type=Path, required=True, help="JSONL from tools/dmtd_data.py")
+    ap.add_argument("-o", "--out", type=Path, required=True, help="run folder (checkpoint, log)")
+    ap.add_argument("--split", default="0,22,8", help="encoding,thinking,decoding layer counts")
+    ap.add_argument("--cycles", default="2,3,4", help="cycle lengths drawn per training sequence")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--full", action="store_true", help="full fine-tuning of the decoding layers")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10**9)
+    ap.add_argument("--minutes", type=float, default=30.0, help="stop (and checkpoint) after this long")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--fp32", action="store_true", help="float32 compute (default bfloat16)")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--export", type=Path, help="write the adapter GGUF from the checkpoint and stop")
     args = ap.parse_args()
-    from tokenizers import Tokenizer
+    from edge_mtp.models import resolve_model
 
-    tok = Tokenizer.from_file(str(args.base / "tokenizer.json"))
-    prompts = [tok.encode(line).ids for line in args.prompts.read_text().splitlines() if line.strip()]
-    split = tuple(int(x) for x in args.split.split(","))
-    finetune(args.base, args.out, split, args.cycle, prompts, args.steps, args.gen_tokens, args.lr)
-    print(args.out)
+    torch.set_num_threads(args.threads)
+    base = resolve_model(args.model)
+    split = DmtdConfig(*(int(x) for x in args.split.split(",")), 1)
+    cycles = [int(c) for c in args.cycles.split(",")]
+    lines = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    model = train(base, lines, args.out, split, rank=args.rank, full=args.full, cycles=cycles,
+                  lr=args.lr, bsz=args.batch, steps=0 if args.export else args.steps,
+                  minutes=args.minutes, eval_every=args.eval_every, bf16=not args.fp32)
+    if args.export:
+        print(export(model, split, args.export, max(cycles), model.w.arch))
 
 
 if __name__ == "__main__":

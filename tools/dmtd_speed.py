@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """DMTD decode speed vs plain decoding on a real model given a DMTD layer split, next to the bound
-from measured pass costs. The split's weights are not DMTD-trained, so the text is wrong, but
-every pass does the real work, so the speed is real.
+from measured pass costs. Without --lora the split's weights are not DMTD-trained, so the text is
+wrong, but every pass does the real work, so the speed is real; with --lora (a trained DMTD
+adapter, which carries the split) plain decoding runs on the base model alone and DMTD on the
+base with the adapter, so the adapter's own cost counts against DMTD.
 
 Writes a copy of the model with dmtd.* keys (optionally dequantized to F32: extra rows are cheap
-there), then, in one session and interleaved over rounds (fastest of each kept):
+there), then, interleaved over rounds (fastest of each kept):
 - pass costs, each timed by itself at the same context length: a plain 1-row step, a head pass
   (tau rows through all layers with the gate), a late-only 1-row pass through the last D layers;
 - bound(tau) = tau * t_plain / (t_head(tau) + (tau - 1) * t_late);
 - achieved(tau) = (dmtd tokens/s) / (plain tokens/s) over real generations of n tokens.
 
     python tools/dmtd_speed.py -m smollm2-135m --decoding-layers 8 --taus 2,3,4 [--f32]
+    python tools/dmtd_speed.py -m smollm2-135m --lora models/smollm2-135m-dmtd.lora.gguf --f32
 """
 from __future__ import annotations
 
@@ -35,8 +38,8 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "Mainz combined movable metal type, oil-based ink and a wooden press. Within fifty years")
 
 
-def with_dmtd_keys(src: Path, out: Path, cfg: DmtdConfig, f32: bool) -> Path:
-    """Copy a GGUF with the dmtd.* keys added (and every matrix dequantized to F32 with f32)."""
+def with_dmtd_keys(src: Path, out: Path, cfg: DmtdConfig | None, f32: bool) -> Path:
+    """Copy a GGUF with the dmtd.* keys of cfg added (and every matrix dequantized to F32 with f32)."""
     r = gguf.GGUFReader(str(src))
     arch = r.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(str(out), arch)
@@ -49,7 +52,7 @@ def with_dmtd_keys(src: Path, out: Path, cfg: DmtdConfig, f32: bool) -> Path:
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(name, field.contents(), vtype, sub_type=sub)
-    for key, value in cfg.kv().items():
+    for key, value in (cfg.kv() if cfg else {}).items():
         w.add_uint32(key, value)
     for t in r.tensors:
         data, plain = np.asarray(t.data), t.tensor_type in (gguf.GGMLQuantizationType.F32,
@@ -77,17 +80,19 @@ def timed(fn, reps: int) -> float:
     return min(times)
 
 
-def pass_costs(session: Session, cfg: DmtdConfig, prompt: list[int], taus, reps: int) -> dict:
-    """Seconds of a plain step, a gated head pass of tau rows and a late-only pass, each at the
-    prompt's context length (every pass is undone before the next)."""
+def pass_costs(plain_session: Session, session: Session, cfg: DmtdConfig, prompt: list[int], taus,
+               reps: int) -> dict:
+    """Seconds of a plain step (on plain_session), a gated head pass of tau rows and a late-only
+    pass (on session), each at the prompt's context length (every pass is undone before the next)."""
     model, n = session.model, len(prompt)
-    session.truncate(0)
-    session.prefill(prompt)
+    for s in {plain_session, session}:
+        s.truncate(0)
+        s.prefill(prompt)
     tok = prompt[-1]
 
     def plain():
-        session.decode([tok])
-        session.truncate(n)
+        plain_session.decode([tok])
+        plain_session.truncate(n)
 
     def head(tau):
         gate = np.zeros(tau, dtype=np.float32)
@@ -125,28 +130,34 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the fastest counts)")
     ap.add_argument("--reps", type=int, default=15, help="repetitions per pass-cost measurement")
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--lora", type=Path, help="a trained DMTD adapter (its split is used)")
     args = ap.parse_args()
     taus = [int(x) for x in args.taus.split(",")]
     src = resolve_model(args.model)
-    base = Model(src)
-    cfg = DmtdConfig(args.encoding_layers, base.n_layer - args.encoding_layers - args.decoding_layers,
-                     args.decoding_layers, max(taus))
+    base = Model(src, lora=args.lora)
+    cfg = base.dmtd if args.lora else DmtdConfig(
+        args.encoding_layers, base.n_layer - args.encoding_layers - args.decoding_layers,
+        args.decoding_layers, max(taus))
     base.close()
     with tempfile.TemporaryDirectory() as tmp:
-        path = with_dmtd_keys(src, Path(tmp) / "dmtd.gguf", cfg, args.f32)
-        model = Model(path)
+        path = with_dmtd_keys(src, Path(tmp) / "dmtd.gguf", None if args.lora else cfg, args.f32)
+        model = Model(path, lora=args.lora)
         session = Session(model, n_ctx=1024, n_threads=args.threads)
+        plain_model = Model(path) if args.lora else model
+        plain_session = Session(plain_model, n_ctx=1024, n_threads=args.threads) if args.lora else session
         prompt = model.tokenize(PROMPT)
         costs, speeds = [], {s: [] for s in ["plain"] + [f"dmtd:{t}" for t in taus]}
         for _ in range(args.rounds):
-            costs.append(pass_costs(session, cfg, prompt, taus, args.reps))
+            costs.append(pass_costs(plain_session, session, cfg, prompt, taus, args.reps))
             for spec in speeds:
-                speeds[spec].append(generation_speed(session, spec, prompt, args.n))
+                speeds[spec].append(generation_speed(plain_session if spec == "plain" else session,
+                                                     spec, prompt, args.n))
         med = {k: min(c[k] for c in costs) for k in costs[0]}
         best = {k: max(v) for k, v in speeds.items()}
         plain = best["plain"]
         split = f"E{cfg.encoding_layers}T{cfg.thinking_layers}D{cfg.decoding_layers}"
-        print(f"{args.model} {'F32' if args.f32 else 'as stored'} {split}, {session.n_threads} threads, "
+        print(f"{args.model} {'F32' if args.f32 else 'as stored'} {split}"
+              f"{' (adapter ' + args.lora.name + '; plain without it)' if args.lora else ''}, {session.n_threads} threads, "
               f"prompt {len(prompt)} tokens, {args.n} tokens x {args.rounds} rounds (fastest)")
         print(f"pass costs: plain {med['plain'] * 1e3:.2f} ms, late-only {med['late'] * 1e3:.2f} ms "
               f"({med['late'] / med['plain']:.3f} of plain), head " +
@@ -159,8 +170,10 @@ def main() -> None:
             got = best[f"dmtd:{t}"] / plain
             print(f"| {t} | {best[f'dmtd:{t}']:.1f} | {got:.3f}x | {bound:.3f}x | "
                   f"{got / bound:.3f} |")
-        session.close()
-        model.close()
+        for s in {session, plain_session}:
+            s.close()
+        for m in {model, plain_model}:
+            m.close()
 
 
 if __name__ == "__main__":
