@@ -162,7 +162,8 @@ def batch_of(lines: list[dict], cycles: list[int]):
         tokens[b, :len(t)] = torch.tensor(t)
         gate[b, :len(t)] = cycle_gate(len(t), plen, c)
         rows[b, plen - 1:len(t) - 1] = True  # rows whose next token is an answer token
-        phase[b, plen - 1:len(t)] = (torch.arange(plen - 1, len(t)) - plen) % c  # -1: the prompt's last row
+        phase[b, plen:len(t)] = torch.arange(len(t) - plen) % c  # a row's place in its cycle
+        phase[b, plen - 1] = 0  # the prompt's last row is gated as a head
     return tokens, gate, rows, phase
 
 
@@ -173,17 +174,16 @@ def kl_and_agreement(student, base, rows):
 
 
 def evaluate(model, lines, split, cycle: int, bsz: int) -> list[float]:
-    """Teacher-forced top-1 agreement with the base model per cycle position, at this cycle (the
-    row after the prompt's last counts as position 0, the head the prompt pass produces)."""
+    """Teacher-forced top-1 agreement with the base model, by the cycle position of the row that
+    predicts (0: a head, the prompt's last row included; 1..cycle-1: late-only rows)."""
     hits, counts = torch.zeros(cycle), torch.zeros(cycle)
     with torch.no_grad():
         for i in range(0, len(lines), bsz):
             tokens, gate, rows, phase = batch_of(lines[i:i + bsz], [cycle] * len(lines[i:i + bsz]))
             student, base = model.dmtd_logits(tokens, split, gate, base_too=True)
             _, same = kl_and_agreement(student, base, rows)
-            ph = (phase[rows] + 1) % cycle  # row r predicts token r+1, which sits at phase[r] + 1
-            hits += torch.bincount(ph, weights=same.float(), minlength=cycle)
-            counts += torch.bincount(ph, minlength=cycle).float()
+            hits += torch.bincount(phase[rows], weights=same.float(), minlength=cycle)
+            counts += torch.bincount(phase[rows], minlength=cycle).float()
     return (hits / counts.clamp(min=1)).tolist()
 
 

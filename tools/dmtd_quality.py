@@ -37,17 +37,17 @@ class Argmax:
         return int(np.argmax(row))
 
 
-def teacher_forced(engine: Engine, prompt: list[int], answer: list[int], tau: int):
+def teacher_forced(session, prompt: list[int], answer: list[int], tau: int):
     """(hits, counts) per cycle position of the DMTD decoder fed the base model's answer."""
     strategy, pick = Dmtd(tau), Argmax()
     hits, counts = np.zeros(tau), np.zeros(tau)
-    logits = strategy.prefill(engine.session, prompt)
+    logits = strategy.prefill(session, prompt)
     for i, token in enumerate(answer):
-        place = i % tau  # the row that predicted answer[i]: a head when i % tau == 0
+        place = (i - 1) % tau if i else 0  # the row of answer[i - 1] predicted it (the prompt's last: a head)
         hits[place] += int(np.argmax(logits)) == token
         counts[place] += 1
         if i + 1 < len(answer):
-            strategy.step(engine.session, pick, token)
+            strategy.step(session, pick, token)
             logits = pick.row
     return hits, counts
 
@@ -77,7 +77,7 @@ def main() -> None:
             hits, counts = np.zeros(tau), np.zeros(tau)
             same_prefix, identical, texts = [], 0, []
             for prompt, answer, m in zip(prompts, answers, messages):
-                h, c = teacher_forced(dmtd, prompt, answer, tau)
+                h, c = teacher_forced(dmtd.session, prompt, answer, tau)
                 hits, counts = hits + h, counts + c
                 own = dmtd.create_chat_completion(m, max_tokens=args.tokens, temperature=0,
                                                   strategy=f"dmtd:{tau}")["tokens"]
