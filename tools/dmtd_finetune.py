@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -251,7 +252,8 @@ def train(base_path: Path, lines: list[dict], out: Path, split: DmtdConfig, *, r
             rec = {"step": state["step"], "tokens": state["tokens"], "loss": round(loss.item(), 4),
                    "agree": round(same.float().mean().item(), 4),
                    "seconds": round(start_seconds + time.perf_counter() - t0, 1)}
-            if state["step"] % eval_every == 0:
+            done = state["step"] >= steps or time.perf_counter() - t0 >= minutes * 60
+            if held and (state["step"] % eval_every == 0 or done):
                 rec["eval"] = {c: [round(a, 4) for a in evaluate(model, held, split, c, bsz)] for c in (2, 4)}
                 save()
             logf.write(json.dumps(rec) + "\n")
@@ -262,15 +264,17 @@ def train(base_path: Path, lines: list[dict], out: Path, split: DmtdConfig, *, r
     return model
 
 
-def export(model: Model, split: DmtdConfig, path: Path, cycle: int, arch: str) -> Path:
-    """The trained low-rank updates as a llama.cpp LoRA adapter GGUF with the dmtd.* keys."""
+def export(model: Model, split: DmtdConfig, path: Path, cycle: int, arch: str,
+           dtype=np.float32) -> Path:
+    """The trained low-rank updates as a llama.cpp LoRA adapter GGUF with the dmtd.* keys (F16
+    halves the file; llama.cpp then rounds the adapter's activations to F16 too)."""
     from lora_gguf import write_lora_adapter
 
     rank = next(iter(model.lora.values()))[0].shape[0]
     pairs = {name: (a.detach().float().numpy(), b.detach().float().numpy())
              for name, (a, b) in model.lora.items()}
     kv = DmtdConfig(split.encoding_layers, split.thinking_layers, split.decoding_layers, cycle).kv()
-    write_lora_adapter(path, arch, pairs, alpha=model.scale * rank, extra_kv=kv)
+    write_lora_adapter(path, arch, pairs, alpha=model.scale * rank, extra_kv=kv, dtype=dtype)
     return path
 
 
@@ -291,6 +295,7 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="float32 compute (default bfloat16)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--export", type=Path, help="write the adapter GGUF from the checkpoint and stop")
+    ap.add_argument("--f16", action="store_true", help="export F16 tensors (default F32)")
     args = ap.parse_args()
     from edge_mtp.models import resolve_model
 
@@ -303,7 +308,8 @@ def main() -> None:
                   lr=args.lr, bsz=args.batch, steps=0 if args.export else args.steps,
                   minutes=args.minutes, eval_every=args.eval_every, bf16=not args.fp32)
     if args.export:
-        print(export(model, split, args.export, max(cycles), model.w.arch))
+        print(export(model, split, args.export, max(cycles), model.w.arch,
+                     np.float16 if args.f16 else np.float32))
 
 
 if __name__ == "__main__":
