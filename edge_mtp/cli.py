@@ -194,9 +194,11 @@ def calibrate(model, lora, n_threads, flash_attn, exact_rows, rounds, late_layer
 def pull(name):
     """Download a known model into the local cache (checksum verified); for a model shipped as a
     LoRA adapter, its base (the adapter, shipped with edge-mtp, is checked)."""
-    from .models import pull as pull_model
+    from .models import pull as pull_model, resolve
 
-    click.echo(str(pull_model(name)))
+    pull_model(name)
+    files = resolve(name)
+    click.echo(str(files.path) + (f" + LoRA adapter {files.lora}" if files.lora else ""))
 
 
 @main.command()

@@ -186,6 +186,8 @@ def test_the_dmtd_manifest_resolves_to_base_and_adapter(model_path):
     adapter = models.manifest_dir() / m.adapter
     assert models.resolve("smollm2-135m-dmtd") == models.ModelFiles(model_path, adapter)
     assert models.pull("smollm2-135m-dmtd", progress=False) == model_path
+    r = CliRunner().invoke(main, ["pull", "smollm2-135m-dmtd"])
+    assert r.exit_code == 0 and r.output.strip() == f"{model_path} + LoRA adapter {adapter}", r.output
     r = CliRunner().invoke(main, ["models"])
     row = next(line for line in r.output.splitlines() if line.startswith("smollm2-135m-dmtd "))
     assert "cached" in row and m.license in row and m.description in row
