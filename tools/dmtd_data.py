@@ -129,7 +129,7 @@ class BatchWriter:
 
     def answers(self, jobs: list[tuple[list[int], float]], max_new: int, rng: np.random.Generator):
         """jobs: (prompt ids, temperature); yields (job index, answer ids) as sequences finish."""
-        todo, live = list(enumerate(jobs)), {}  # live: seq -> [job, ids, next token, temp]
+        todo, live = list(enumerate(jobs)), {}  # live: seq -> [job, ids, next token, temp, prompt length]
         while todo or live:
             for seq in range(self.n_seq):  # fill free sequence slots: prompt passes one at a time
                 if seq in live or not todo:

@@ -40,9 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dmtd_reference import Weights  # noqa: E402
+from lora_gguf import LINEAR, write_lora_adapter  # noqa: E402
 from edge_mtp.gguf_meta import DmtdConfig  # noqa: E402
-
-MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 class Model:
@@ -63,7 +62,7 @@ class Model:
         g = torch.Generator().manual_seed(seed)
         self.scale = alpha / rank
         for il in layers:
-            for m in MATRICES:
+            for m in LINEAR:
                 n_out, n_in = self.t[f"blk.{il}.{m}.weight"].shape
                 a = (torch.randn(rank, n_in, generator=g) / math.sqrt(n_in)).requires_grad_()
                 self.lora[f"blk.{il}.{m}.weight"] = (a, torch.zeros(n_out, rank, requires_grad=True))
@@ -225,16 +224,21 @@ def train(base_path: Path, lines: list[dict], out: Path, split: DmtdConfig, *, r
     for _ in range(state["step"]):  # the same batch order as an uninterrupted run
         next(feed)
     warm = 50
-    t0, start_seconds = time.perf_counter(), state["seconds"]
+    t0, start_seconds, saved_at = time.perf_counter(), state["seconds"], state["step"]
+
+    def finished() -> bool:
+        return state["step"] >= steps or time.perf_counter() - t0 >= minutes * 60
 
     def save():
+        nonlocal saved_at
+        saved_at = state["step"]
         state["seconds"] = start_seconds + time.perf_counter() - t0
         torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "state": state,
                     "rank": rank, "full": full, "split": split.kv()}, ckpt.with_suffix(".tmp"))
         ckpt.with_suffix(".tmp").replace(ckpt)
 
     with (out / "log.jsonl").open("a") as logf:
-        while state["step"] < steps and time.perf_counter() - t0 < minutes * 60:
+        while not finished():
             idx = next(feed)
             pick = random.Random(seed * 1_000_003 + state["step"])  # resumable: a function of the step
             chosen = [pick.choice(cycles) for _ in idx]
@@ -252,15 +256,15 @@ def train(base_path: Path, lines: list[dict], out: Path, split: DmtdConfig, *, r
             rec = {"step": state["step"], "tokens": state["tokens"], "loss": round(loss.item(), 4),
                    "agree": round(same.float().mean().item(), 4),
                    "seconds": round(start_seconds + time.perf_counter() - t0, 1)}
-            done = state["step"] >= steps or time.perf_counter() - t0 >= minutes * 60
-            if held and (state["step"] % eval_every == 0 or done):
+            if held and (state["step"] % eval_every == 0 or finished()):
                 rec["eval"] = {c: [round(a, 4) for a in evaluate(model, held, split, c, bsz)] for c in (2, 4)}
                 save()
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             if state["step"] % 10 == 0 or "eval" in rec:
                 log(json.dumps(rec))
-    save()
+    if state["step"] != saved_at:  # steps since the last evaluation (none when only exporting)
+        save()
     return model
 
 
@@ -268,8 +272,6 @@ def export(model: Model, split: DmtdConfig, path: Path, cycle: int, arch: str,
            dtype=np.float32) -> Path:
     """The trained low-rank updates as a llama.cpp LoRA adapter GGUF with the dmtd.* keys (F16
     halves the file; llama.cpp then rounds the adapter's activations to F16 too)."""
-    from lora_gguf import write_lora_adapter
-
     rank = next(iter(model.lora.values()))[0].shape[0]
     pairs = {name: (a.detach().float().numpy(), b.detach().float().numpy())
              for name, (a, b) in model.lora.items()}
