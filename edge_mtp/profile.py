@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -161,9 +162,9 @@ def fit_scale(pairs, prior_weight: float) -> float:
     num, den = 0.0, prior_weight
     for extra, seen, weight, n in pairs:
         w = min(weight, 10)
-        num += w * np.log(max(seen, 1e-3) / extra_floor(extra, n))
+        num += w * math.log(max(seen, 1e-3) / max(extra, EXTRA_FLOOR * (n - 1)))  # extra_floor, scalar
         den += w
-    return float(np.clip(np.exp(num / den), 0.02, 50.0)) if den else 1.0
+    return min(max(math.exp(num / den), 0.02), 50.0) if den else 1.0
 
 
 def profile_key(session: Session) -> str:
@@ -355,6 +356,14 @@ class CostEstimate:
         self.scale = 1.0
         self.steps = 0
         self.run = os.urandom(4).hex()  # this estimate's entry in the profile's runs
+        self._shape = np.zeros(0)  # the prior's extra cost per row count (extra_floor), grown on demand
+
+    def _prior_extra(self, max_rows: int) -> np.ndarray:
+        """extra_floor(prior cost - 1) for n = 0..max_rows (auto asks every step: kept, not recomputed)."""
+        if len(self._shape) <= max_rows:
+            n = np.arange(max_rows + 1)
+            self._shape = extra_floor(self.prior.costs(n) - 1.0, n)
+        return self._shape[:max_rows + 1]
 
     def new_request(self) -> None:
         """A new context length: its first plain steps re-weight the plain step's mean quickly."""
@@ -366,8 +375,7 @@ class CostEstimate:
     def table(self, max_rows: int) -> np.ndarray:
         """cost[n] for n = 0..max_rows: the prior's shape times the fitted scale, blended per timed
         count with its running mean."""
-        n = np.arange(max_rows + 1)
-        out = 1.0 + self.scale * extra_floor(self.prior.costs(n) - 1.0, n)
+        out = 1.0 + self.scale * self._prior_extra(max_rows)
         for m, (mean, k, _) in self.seen.items():
             if m <= max_rows:
                 out[m] = (self.PRIOR_WEIGHT * out[m] + k * mean) / (self.PRIOR_WEIGHT + k)
@@ -389,9 +397,9 @@ class CostEstimate:
         mean, k, _ = self.seen.get(n, (ratio, 0, 0))
         k = min(k + 1, 10)  # a running mean over about the last 10 timings of n rows
         self.seen[n] = [mean + (ratio - mean) / k, k, self.steps]
-        timed = list(self.seen)
-        self.scale = fit_scale([(c - 1.0, self.seen[m][0] - 1.0, self.seen[m][1], m)
-                                for m, c in zip(timed, self.prior.costs(timed))], self.PRIOR_WEIGHT)
+        shape = self._prior_extra(max(self.seen))
+        self.scale = fit_scale([(shape[m], mean - 1.0, k, m) for m, (mean, k, _) in self.seen.items()],
+                               self.PRIOR_WEIGHT)
 
     def report(self) -> dict:
         timed = sorted(self.seen)

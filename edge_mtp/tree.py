@@ -35,24 +35,25 @@ class TokenTree:
     @classmethod
     def chain(cls, root: int, drafts) -> "TokenTree":
         """The root and its drafts as one chain (a lookup draft)."""
-        tree = cls()
-        parent = tree.add(root, -1)
-        for t in drafts:
-            parent = tree.add(t, parent)
-        return tree
+        n = len(drafts)
+        return cls([root, *drafts], list(range(-1, n)), list(range(n + 1)),
+                   children={i: [i + 1] for i in range(n)})
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         """(tokens, parents, embedding rows or None, row of each inserted node) in BFS order."""
-        depth = np.asarray(self.depths)
-        order = np.argsort(depth, kind="stable")
-        row_of = np.empty_like(order)
-        row_of[order] = np.arange(len(order))
-        tokens = np.asarray(self.tokens, dtype=np.int32)[order]
-        parents = np.asarray(self.parents, dtype=np.int32)[order]
-        parents = np.where(parents >= 0, row_of[np.maximum(parents, 0)], -1).astype(np.int32)
+        tokens = np.asarray(self.tokens, dtype=np.int32)
+        parents = np.asarray(self.parents, dtype=np.int32)
+        if all(a <= b for a, b in zip(self.depths, self.depths[1:])):  # already breadth-first (chains)
+            order = row_of = np.arange(len(tokens))
+        else:
+            order = np.argsort(np.asarray(self.depths), kind="stable")
+            row_of = np.empty_like(order)
+            row_of[order] = np.arange(len(order))
+            tokens, parents = tokens[order], parents[order]
+            parents = np.where(parents >= 0, row_of[np.maximum(parents, 0)], -1).astype(np.int32)
         embd = None
         if self.embd:
             is_embd = np.asarray(self.tokens) == EMBD

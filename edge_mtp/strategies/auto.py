@@ -72,7 +72,8 @@ class DraftPolicy:
         if d_max == 0:
             return 0
         plain = 1.0 / (1.0 + self.overhead["plain"])
-        spent = [1.0 + price * (self.cost[d + 1] - 1.0) + self.overhead["tree"] for d in range(d_max + 1)]
+        tree, cost = 1.0 + self.overhead["tree"], self.cost
+        spent = [tree + price * (cost[d + 1] - 1.0) for d in range(d_max + 1)]
         first = self.acceptance.along(match, 1, continues, support)[0]
         if all((1.0 + first * d) <= plain * spent[d] for d in range(1, d_max + 1)):
             return 0  # P(reaching token i) <= the first one's acceptance: none can pay (most steps)
@@ -166,12 +167,16 @@ class Auto(Drafter):
         if self.profile is not None and drafts:
             self.continues = [continues_word(self.piece(t)) for t in drafts[:policy.cap]]
             d = policy.choose(match, len(drafts), self.continues, support)  # looks at most `cap` ahead
-            if d == 0 and self.state.credit > 0:
+            if d == 0 and self.state.credit > 0 and not self.explored_enough():
                 d = min(policy.choose(match, len(drafts), self.continues, support, price=EXPLORE_PRICE),
                         EXPLORE_DRAFT)
                 self.exploring = d > 0 and not self.estimate.tested(d + 1)
                 d = d if self.exploring else 0
         return TokenTree.chain(pending, drafts[:d]) if d else None
+
+    def explored_enough(self) -> bool:
+        """Every exploration draft length is timed recently: nothing to explore (most steps)."""
+        return all(self.estimate.tested(d + 1) for d in range(1, EXPLORE_DRAFT + 1))
 
     def accept(self, step):
         match, drafts, support = self.match
