@@ -152,22 +152,34 @@ class PeerServer:
     spec_type: str | None = None
     log_dir: Path | None = None
     port: int = 0
+    no_repack: bool = False  # keep llama.cpp's extra weight buffers (AMX, CPU repack) out
     command: list[str] = field(default_factory=list)
     _proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 600.0) -> "PeerServer":
+        """Start and wait until healthy. Stock llama.cpp dies of SIGILL while loading on CPUs that
+        offer AMX to its weight buffers (seen on an AMX Xeon; edge-mtp's patch P7 keeps AMX out of
+        its own build): then it is started once more with --no-repack, which the recorded command
+        shows."""
         self.port = self.port or _free_port()
         self.command = [str(self.binary), "-m", str(self.model), "-c", str(self.n_ctx),
                         "-t", str(self.n_threads), "-tb", str(self.n_threads), "-np", "1",
                         "-fa", "on", "--cache-ram", "0", "--host", "127.0.0.1", "--port", str(self.port)]
         if self.spec_type:
             self.command += ["--spec-type", self.spec_type]
+        if self.no_repack:
+            self.command.append("--no-repack")
         log = open(self.log_path(), "w") if self.log_dir else subprocess.DEVNULL
         self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                if self._proc.returncode == -signal.SIGILL and not self.no_repack:
+                    say(f"{self.label()} died of SIGILL while loading (stock llama.cpp's AMX weight "
+                        "buffers on this CPU); starting it again with --no-repack")
+                    self.no_repack, self._proc = True, None
+                    return self.start(max(1.0, deadline - time.monotonic()))
                 raise BackendError(f"llama-server ({self.label()}) exited with {self._proc.returncode}"
                                    + (f"; log: {self.log_path()}" if self.log_dir else ""))
             try:

@@ -290,6 +290,46 @@ def test_real_peer_when_built(model_path, tmp_path):
     assert res["overall"]["llama-server:ngram-mod"]["tokens"] > 0
 
 
+STAND_IN_SERVER = """#!{python}
+# stands in for a llama-server that dies of SIGILL while loading unless --no-repack is given ({mode})
+import http.server, os, signal, sys
+if "--no-repack" not in sys.argv or "{mode}" == "always":
+    os.kill(os.getpid(), signal.SIGILL)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"{{}}")
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Health).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("mode", ["amx", "always"])
+def test_peer_dying_of_sigill_is_started_once_more_without_repack(tmp_path, mode):
+    """Stock llama.cpp dies of SIGILL while loading on AMX CPUs: the peer is started again with
+    --no-repack (recorded in its command), once; a second death is a one-line error."""
+    import sys
+
+    from edge_mtp.errors import BackendError
+    from edge_mtp.peer import PeerServer
+
+    binary = tmp_path / "llama-server"
+    binary.write_text(STAND_IN_SERVER.format(python=sys.executable, mode=mode))
+    binary.chmod(0o755)
+    server = PeerServer(binary, tmp_path / "m.gguf", 512, 1, "ngram-mod", log_dir=tmp_path)
+    if mode == "always":
+        with pytest.raises(BackendError, match="exited with -4"):
+            server.start(timeout=60)
+        assert server.no_repack
+        return
+    try:
+        server.start(timeout=60)
+        assert server.no_repack and server.command[-1] == "--no-repack"
+        assert "--spec-type" in server.command
+    finally:
+        server.stop()
+
+
 def test_peer_eos_token_is_not_counted():
     """llama-server's predicted_n and tokens include the EOS it stopped at; ours do not."""
     eos = {"timings": {"predicted_n": 5, "predicted_ms": 40.0, "prompt_ms": 1.0},
