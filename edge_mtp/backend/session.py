@@ -329,13 +329,13 @@ class Session:
         self.tokens.clear()
 
 
-def tree_depths(parents) -> np.ndarray:
+def tree_depths(parents: np.ndarray) -> np.ndarray:
     """Depth of every row of a tree's parent array (roots: 0), checking that each parent is an
     earlier row or -1 and that depths never decrease (llama.cpp wants breadth-first rows). One
     pass over at most a batch of rows: cheaper than any vectorized form at draft sizes."""
     depth: list[int] = []
     last = 0
-    for i, p in enumerate(parents.tolist() if isinstance(parents, np.ndarray) else parents):
+    for i, p in enumerate(parents.tolist()):
         if not -1 <= p < i:
             raise RequestError("a tree needs one parent per row: an earlier row or -1")
         d = depth[p] + 1 if p >= 0 else 0
