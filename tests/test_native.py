@@ -1,7 +1,8 @@
 """Native patches P1-P3 on real models: embedding rows, token trees with commit, layer ranges.
 
 Every check compares against plain sequential decoding of the same tokens on the same model, on
-the default SmolLM2 (llama) and on tiny random-weight qwen3 and qwen2 models written by
+the default SmolLM2 (llama), on Gemma 3 270M (gemma3: scaled token inputs, sliding-window layers
+in a second KV cache) and on tiny random-weight qwen3 and qwen2 models written by
 tools/tiny_model.py.
 """
 import os
@@ -13,15 +14,22 @@ import pytest
 
 from edge_mtp.backend import Model, Session, native
 from edge_mtp.errors import RequestError
+from edge_mtp.models import resolve_model
 
 # 15 nodes, branching at every level: root, 2 children, 4 grandchildren, 4, 4
 PARENTS = np.array([-1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 8, 9], dtype=np.int32)
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
-@pytest.fixture(scope="module", params=["smollm2", "tiny-qwen3", "tiny-qwen2"])
+@pytest.fixture(scope="module", params=["smollm2", "gemma3-270m", "tiny-qwen3", "tiny-qwen2"])
 def model(request, model_path, tiny_model_path):
-    m = Model(model_path if request.param == "smollm2" else tiny_model_path(request.param[5:]))
+    if request.param == "smollm2":
+        path = model_path
+    elif request.param == "gemma3-270m":
+        path = resolve_model("gemma3-270m")
+    else:
+        path = tiny_model_path(request.param[5:])
+    m = Model(path)
     yield m
     m.close()
 

@@ -275,7 +275,7 @@ class Session:
         rc = native.fn("edge_mtp_set_layer_range")(self.ctx, start, end)
         if rc == -2:
             raise RequestError(f"architecture {self.model.architecture} does not support layer "
-                               "ranges (llama, qwen2 and qwen3 do)")
+                               "ranges (llama, qwen2, qwen3 and gemma3 do)")
         if rc != 0:
             raise RequestError(f"bad layer range [{start}, {end}) for {self.model.n_layer} layers")
         self.layers = (start, end)
