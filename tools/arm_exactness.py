@@ -49,15 +49,17 @@ def run(cmd: list[str], log: Path, **kw) -> None:
 
 
 def cross_build(work: Path, arch: str, log: Path) -> Path:
-    """libllama for aarch64 from the pinned source with our patches; the build folder (cached)."""
+    """libllama for aarch64 from the pinned source with our patches; the build folder (cached by
+    the native build's key, so a changed patch gets a fresh tree and build)."""
     build = load(ROOT / "native" / "build.py", "edge_mtp_native_build")
-    tree = work / "src"
+    key = build.build_key()
+    tree = work / f"src-{key}"
     if not tree.exists():
         with tarfile.open(build.fetch_sdist(build.cache_root())) as tar:
             tar.extractall(work / "unpack", filter="data")
         (work / "unpack" / build.SDIST.removesuffix(".tar.gz")).rename(tree)
         build.apply_patches(tree)
-    out = work / f"build-{re.sub(r'[^A-Za-z0-9]+', '-', arch)}"
+    out = work / f"build-{key}-{re.sub(r'[^A-Za-z0-9]+', '-', arch)}"
     if not (out / "bin" / "libllama.so").exists():
         print(f"cross-building llama.cpp for aarch64 ({arch}); log: {log}", flush=True)
         run(["cmake", "-S", str(tree / "vendor" / "llama.cpp"), "-B", str(out), "-G", "Ninja",
