@@ -1,7 +1,7 @@
 """Exact rows (native patches P4-P6): every row of a batch (n = 2..64) computes bit for bit what
 the same token computes decoded alone, for the default model (Q4_1), its F32 variant (llamafile
-sgemm without P5), its F16 variant (P14's F16 dots) and Gemma 3 270M Q4_K_M (repacked K-quant
-weights), flash attention on and off;
+sgemm without P5), its F16 variant (P14's F16 dots), its Q5_K_M variant (P15's Q5_K dots in its
+1536-wide ffn_down) and Gemma 3 270M Q4_K_M (repacked K-quant weights), flash attention on and off;
 one-row decoding is the same with the mode on or off; and so speculation on the F32 variant and
 on Gemma gives plain greedy's tokens (see docs/exactness.md).
 """
@@ -31,12 +31,14 @@ def f32_model_path(tmp_path_factory, model_path):
     return path
 
 
-@pytest.fixture(scope="module", params=["default", "f32", "f16", "gemma3-270m"])
+@pytest.fixture(scope="module", params=["default", "f32", "f16", "q5_k_m", "gemma3-270m"])
 def model(request, tmp_path_factory):
     path = {"default": lambda: request.getfixturevalue("model_path"),
             "f32": lambda: request.getfixturevalue("f32_model_path"),
             "f16": lambda: quantize_model(request.getfixturevalue("model_path"),
                                           tmp_path_factory.mktemp("f16") / "smollm2-135m.F16.gguf", "F16"),
+            "q5_k_m": lambda: quantize_model(request.getfixturevalue("model_path"),
+                                             tmp_path_factory.mktemp("q5k") / "smollm2-135m.Q5_K_M.gguf", "Q5_K_M"),
             "gemma3-270m": lambda: resolve_model("gemma3-270m")}[request.param]()
     m = Model(path)
     yield m
