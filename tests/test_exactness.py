@@ -22,24 +22,30 @@ MATRIX_TOKENS = 32  # 8 short prompts x 3 runs x 2 models stay within the suite'
 batch_vs_sequential = load_tool("exactness_table").batch_vs_sequential
 
 
-@pytest.fixture(scope="session")
-def f32_model_path(tmp_path_factory, model_path):
-    """The default model dequantized to F32 (about 540 MB, a few seconds)."""
+def default_model_as(tmp_path_factory, model_path, weight_type: str):
+    """The default model converted by llama.cpp's quantizer (F32: about 540 MB, a few seconds)."""
     t0 = time.perf_counter()
-    path = quantize_model(model_path, tmp_path_factory.mktemp("f32") / "smollm2-135m.F32.gguf", "F32")
-    print(f"F32 variant written in {time.perf_counter() - t0:.1f} s")
+    path = quantize_model(model_path, tmp_path_factory.mktemp(weight_type.lower()) / f"smollm2-135m.{weight_type}.gguf",
+                          weight_type)
+    print(f"{weight_type} variant written in {time.perf_counter() - t0:.1f} s")
     return path
 
 
+@pytest.fixture(scope="session")
+def f32_model_path(tmp_path_factory, model_path):
+    return default_model_as(tmp_path_factory, model_path, "F32")
+
+
 @pytest.fixture(scope="module", params=["default", "f32", "f16", "q5_k_m", "gemma3-270m"])
-def model(request, tmp_path_factory):
-    path = {"default": lambda: request.getfixturevalue("model_path"),
-            "f32": lambda: request.getfixturevalue("f32_model_path"),
-            "f16": lambda: quantize_model(request.getfixturevalue("model_path"),
-                                          tmp_path_factory.mktemp("f16") / "smollm2-135m.F16.gguf", "F16"),
-            "q5_k_m": lambda: quantize_model(request.getfixturevalue("model_path"),
-                                             tmp_path_factory.mktemp("q5k") / "smollm2-135m.Q5_K_M.gguf", "Q5_K_M"),
-            "gemma3-270m": lambda: resolve_model("gemma3-270m")}[request.param]()
+def model(request, tmp_path_factory, model_path):
+    if request.param == "f32":
+        path = request.getfixturevalue("f32_model_path")
+    elif request.param == "gemma3-270m":
+        path = resolve_model("gemma3-270m")
+    elif request.param == "default":
+        path = model_path
+    else:  # f16 (P14's dots), q5_k_m (P15's, in its 1536-wide ffn_down)
+        path = default_model_as(tmp_path_factory, model_path, request.param.upper())
     m = Model(path)
     yield m
     m.close()
