@@ -1,9 +1,9 @@
 """Exact rows (native patches P4-P6): every row of a batch (n = 2..64) computes bit for bit what
 the same token computes decoded alone, for the default model (Q4_1), its F32 variant (llamafile
-sgemm without P5), its F16 variant (P14's F16 dots), its Q5_K_M variant (P15's Q5_K dots in its
-1536-wide ffn_down) and Gemma 3 270M Q4_K_M (repacked K-quant weights), flash attention on and off;
-one-row decoding is the same with the mode on or off; and so speculation on the F32 variant and
-on Gemma gives plain greedy's tokens (see docs/exactness.md).
+sgemm without P5), its F16 variant (P14's F16 dots), its Q5_K_M variant (P15's two-column and
+P16's columns Q5_K kernels, in its 1536-wide ffn_down) and Gemma 3 270M Q4_K_M (repacked K-quant
+weights), flash attention on and off; one-row decoding is the same with the mode on or off; and
+so speculation on the F32 variant and on Gemma gives plain greedy's tokens (see docs/exactness.md).
 """
 import time
 
@@ -44,7 +44,7 @@ def model(request, tmp_path_factory, model_path):
         path = resolve_model("gemma3-270m")
     elif request.param == "default":
         path = model_path
-    else:  # f16 (P14's dots), q5_k_m (P15's, in its 1536-wide ffn_down)
+    else:  # f16 (P14's dots), q5_k_m (P15's and P16's, in its 1536-wide ffn_down)
         path = default_model_as(tmp_path_factory, model_path, request.param.upper())
     m = Model(path)
     yield m
