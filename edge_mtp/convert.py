@@ -20,7 +20,7 @@ from .gguf_meta import DmtdConfig, dmtd_from_hf_config
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's converter writes itself
 # lower-bit types: converted to f16 first, then llama.cpp's quantizer (backend.quantize_model)
-QUANTIZED_TYPES = ("q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
+QUANTIZED_TYPES = ("q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl")
 OUTTYPES = CONVERTER_TYPES + QUANTIZED_TYPES  # backend.WEIGHT_TYPES, lower-case
 # HF architecture -> the one llama.cpp's converter knows; DMTD classes are their base model
 # with a routing gate that lives in edge-mtp's runtime, not in the weights

@@ -6,7 +6,7 @@ Random tokens as context, then n random tokens decoded as one batch and one at a
 bit-exact, a `*` marks rows whose argmax differs. Variants of the model in other weight types are
 written with llama.cpp's quantizer (--types), so any GGUF can be checked across types.
 
-    python tools/exactness_table.py -m smollm2-135m --types F32,F16,BF16,Q8_0,Q4_0,Q4_1,Q4_K_M,Q5_K_M,Q6_K
+    python tools/exactness_table.py -m smollm2-135m --types F32,F16,BF16,Q8_0,Q4_0,Q4_1,Q4_K_M,Q5_K_M,Q6_K,IQ4_NL
 """
 from __future__ import annotations
 
