@@ -1,10 +1,10 @@
 """Exact rows (native patches P4-P6): every row of a batch (n = 2..64) computes bit for bit what
 the same token computes decoded alone, for the default model (Q4_1), its F32 variant (llamafile
-sgemm without P5), its F16 variant (P14's F16 dots), its Q5_K_M variant (P15's two-column and
-P16's columns Q5_K kernels, in its 1536-wide ffn_down), its Q4_0 variant (repacked, P17's rows
-kernel) and Gemma 3 270M Q4_K_M (repacked K-quant weights), flash attention on and off; one-row
-decoding is the same with the mode on or off; and so speculation on the F32 variant and on Gemma
-gives plain greedy's tokens (see docs/exactness.md).
+sgemm without P5), its F16 and BF16 variants (P14's and P18's dots), its Q5_K_M variant (P15's
+two-column and P16's columns Q5_K kernels, in its 1536-wide ffn_down), its Q4_0 variant
+(repacked, P17's rows kernel) and Gemma 3 270M Q4_K_M (repacked K-quant weights), flash attention
+on and off; one-row decoding is the same with the mode on or off; and so speculation on the F32
+variant and on Gemma gives plain greedy's tokens (see docs/exactness.md).
 """
 import time
 
@@ -37,7 +37,7 @@ def f32_model_path(tmp_path_factory, model_path):
     return default_model_as(tmp_path_factory, model_path, "F32")
 
 
-@pytest.fixture(scope="module", params=["default", "f32", "f16", "q5_k_m", "q4_0", "gemma3-270m"])
+@pytest.fixture(scope="module", params=["default", "f32", "f16", "bf16", "q5_k_m", "q4_0", "gemma3-270m"])
 def model(request, tmp_path_factory, model_path):
     if request.param == "f32":
         path = request.getfixturevalue("f32_model_path")
@@ -45,7 +45,8 @@ def model(request, tmp_path_factory, model_path):
         path = resolve_model("gemma3-270m")
     elif request.param == "default":
         path = model_path
-    else:  # f16 (P14's dots), q5_k_m (P15's and P16's, in its 1536-wide ffn_down), q4_0 (P17's rows)
+    else:  # f16 (P14's dots), bf16 (P18's, on AVX512-BF16), q5_k_m (P15's, P16's: its 1536-wide
+        # ffn_down), q4_0 (P17's rows)
         path = default_model_as(tmp_path_factory, model_path, request.param.upper())
     m = Model(path)
     yield m
