@@ -90,6 +90,14 @@ def main(path):
     codes["range: start > end"] = layers(s.ctx, 5, 2)
     codes["range: end > n_layer"] = layers(s.ctx, 0, n_layer + 1)
     codes["range: start < 0"] = layers(s.ctx, -1, 2)
+    skip = fn("edge_mtp_set_layer_skip")
+    codes["range: [2, 8)"] = layers(s.ctx, 2, 8)
+    codes["skip: from the range's first layer"] = skip(s.ctx, 2, 4)
+    codes["skip: to the range's end"] = skip(s.ctx, 4, 8)
+    codes["skip: from > to"] = skip(s.ctx, 6, 4)
+    codes["skip: [4, 6)"] = skip(s.ctx, 4, 6)
+    codes["skip: none"] = skip(s.ctx, 5, 5)
+    codes["range: all layers"] = layers(s.ctx, 0, -1)
 
     g = Session(model, n_ctx=128, n_threads=2, n_batch=32)
     g.prefill(model.tokenize("Once upon a time"))
@@ -106,6 +114,12 @@ def main(path):
     codes["gate: layer >= n_layer"] = gated([1, 2], n_layer, 0, gate)
     codes["gate: source after gate"] = gated([1, 2], 2, 3, gate)
     codes["gate: empty batch"] = gated([], 3, 0, gate)
+    codes["skip: [2, 4) of all layers"] = skip(g.ctx, 2, 4)
+    codes["gate: source in the skipped span"] = gated([1, 2], 5, 3, gate)
+    codes["gate: layer in the skipped span"] = gated([1, 2], 2, 0, gate)
+    codes["range: a new range clears the skip"] = layers(g.ctx, 0, -1)
+    codes["gate: after the skip is cleared"] = gated([1, 2], 2, 0, gate)
+    ll.llama_memory_seq_rm(g.mem, 0, g.n_past, -1)  # that decode ran: drop its two cells
 
     hidden, get = fn("edge_mtp_set_hidden_output"), fn("edge_mtp_get_hidden")
     codes["hidden: layer -1"] = hidden(g.ctx, -1, True)

@@ -161,6 +161,35 @@ def test_layer_split_equals_full_forward(model, k):
     assert greedy(s, 7, 16) == greedy(ref, 7, 16)
 
 
+def test_a_skipped_span_equals_its_two_ranges(model):
+    """Layers [0, a), then [b, L) on their output, as one decode (patch P19): the logits of the two
+    ranges run one after the other through the hidden rows, one cell per row, and every layer
+    again after the block."""
+    a, b = (1, 2) if model.n_layer <= 4 else (4, model.n_layer - 6)
+    prompt = model.tokenize(PROMPT)
+    toks = model.tokenize(" there lived a king", add_bos=False)
+    two = session(model)
+    two.prefill(prompt)
+    with two.layer_range(0, a):
+        two.decode(toks, hidden=a)
+        h = two.hidden_rows(a)
+    two.truncate(len(prompt))
+    with two.layer_range(b):
+        want = two.decode(embd=h, logits="all").copy()
+    one = session(model)
+    one.prefill(prompt)
+    with one.layer_range(0, skip=(a, b)):
+        with pytest.raises(RequestError, match=f"skipping \\[{a}, {b}\\)"):
+            one.decode(toks, hidden=a)
+        got = one.decode(toks, logits="all")
+    np.testing.assert_array_equal(got, want)
+    assert one.tokens[len(prompt):] == [-1] * len(toks)  # cells of a partial pass: never prompt cache
+    assert one.all_layers and one.skip == (0, 0)
+    with pytest.raises(RequestError, match="bad skipped layers"), one.layer_range(0, skip=(0, b)):
+        pass
+    assert one.all_layers
+
+
 def test_gate_matches_numpy_reference(model):
     il_gate = model.n_layer - 2
     prompt = model.tokenize(PROMPT)
@@ -225,7 +254,11 @@ BAD_INPUT_CODES = {
     "tree: before a clear": 0, "commit: tree ended by a clear": -13,
     "tree: full cache": 1, "commit: after a failed tree": -13,
     "range: start > end": -1, "range: end > n_layer": -1, "range: start < 0": -1,
+    "range: [2, 8)": 0, "skip: from the range's first layer": -1, "skip: to the range's end": -1,
+    "skip: from > to": -1, "skip: [4, 6)": 0, "skip: none": 0, "range: all layers": 0,
     "gate: null values": -1, "gate: layer >= n_layer": -1, "gate: source after gate": -1, "gate: empty batch": -12,
+    "skip: [2, 4) of all layers": 0, "gate: source in the skipped span": -1, "gate: layer in the skipped span": -1,
+    "range: a new range clears the skip": 0, "gate: after the skip is cleared": 0,
     "hidden: layer -1": -1, "hidden: layer n_layer + 1": -1, "hidden: get out of range is null": 1,
     "hidden: get of a layer not asked is null": 1, "hidden: ask layer 5": 0, "range: [0, 2)": 0,
     "decode: asked layer outside the range": 0, "hidden: get of a layer outside the range is null": 1,

@@ -33,6 +33,7 @@ from edge_mtp.gguf_meta import DmtdConfig  # noqa: E402
 from edge_mtp.models import resolve_model  # noqa: E402
 from edge_mtp.sampling import Sampler, SamplingParams  # noqa: E402
 from edge_mtp.strategies import make_strategy  # noqa: E402
+from edge_mtp.strategies.dmtd import late_layers  # noqa: E402
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in "
           "Mainz combined movable metal type, oil-based ink and a wooden press. Within fifty years")
@@ -107,7 +108,7 @@ def pass_costs(plain_session: Session, session: Session, cfg: DmtdConfig, prompt
     out = {"plain": timed(plain, reps)}
     for tau in taus:
         out[f"head{tau}"] = timed(lambda: head(tau), reps)
-    with session.layer_range(cfg.late_start):
+    with late_layers(session, cfg):
         out["late"] = timed(late, reps)
     return out
 

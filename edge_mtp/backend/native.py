@@ -87,6 +87,7 @@ def _bind_patches(ll) -> None:
         "edge_mtp_tree_commit": ([ll.llama_context_p_ctypes, p_i32, i32], i32),
         "edge_mtp_set_exact_rows": ([ll.llama_context_p_ctypes, ctypes.c_bool], i32),
         "edge_mtp_set_layer_range": ([ll.llama_context_p_ctypes, i32, i32], i32),
+        "edge_mtp_set_layer_skip": ([ll.llama_context_p_ctypes, i32, i32], i32),
         "edge_mtp_decode_gated": ([ll.llama_context_p_ctypes, ll.llama_batch, i32, i32, ctypes.POINTER(f32)], i32),
         "edge_mtp_set_hidden_output": ([ll.llama_context_p_ctypes, i32, ctypes.c_bool], i32),
         "edge_mtp_get_hidden": ([ll.llama_context_p_ctypes, i32], ctypes.POINTER(f32)),

@@ -67,6 +67,7 @@ class Session:
         self._tree: np.ndarray | None = None  # token ids of a decoded, not yet committed tree
         self._ebatch = None  # embedding-row batch, made on first use
         self.layers = (0, model.n_layer)  # layer range the next decodes run (native patch P3)
+        self.skip = (0, 0)  # layers [a, b) of the range they skip (P19); (0, 0): none
         self._hidden_on: set[int] = set()  # layers whose input llama.cpp copies out per decode
 
         self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
@@ -140,13 +141,15 @@ class Session:
             if parents.shape != (n,):
                 raise RequestError("a tree needs one parent per row: an earlier row or -1")
             depth = tree_depths(parents)
-            if gate is not None or self.layers != (0, self.model.n_layer):
+            if gate is not None or not self.all_layers:
                 raise RequestError("a tree decodes every layer, ungated")
             if isinstance(logits, str) and logits == "last":
                 logits = "all"
         start, end = self.layers
-        if hidden is not None and not (start <= hidden < end or hidden == end < self.model.n_layer):
-            raise RequestError(f"hidden state of layer {hidden} is not computed by layers [{start}, {end})")
+        if hidden is not None and (not (start <= hidden < end or hidden == end < self.model.n_layer)
+                                   or self.skip[0] <= hidden < self.skip[1]):
+            raise RequestError(f"hidden state of layer {hidden} is not computed by layers [{start}, {end})"
+                               + (f" skipping [{self.skip[0]}, {self.skip[1]})" if self.skip[1] else ""))
         self._hidden_outputs({hidden} if hidden is not None else set())
         if is_embd.any():
             batch, view = self._embedding_batch()
@@ -186,7 +189,7 @@ class Session:
             self._ll.llama_memory_seq_rm(self.mem, 0, p0, -1)
             raise BackendError(f"decode of {n} rows (layers [{start}, {end})) failed with code {rc} "
                                f"({native.last_log_error()})")
-        plain_cells = gate is None and (start, end) == (0, self.model.n_layer)
+        plain_cells = gate is None and self.all_layers
         if parents is not None:
             self._tree = tokens
         else:
@@ -254,31 +257,44 @@ class Session:
         self._tree = None
 
     # -- layer ranges and hidden states (native patch P3) -----------------------------------
-    @contextlib.contextmanager
-    def layer_range(self, start: int = 0, end: int | None = None):
-        """Run only layers [start, end) in the decodes inside the block; all layers again after
-        it, however it is left.
+    @property
+    def all_layers(self) -> bool:
+        """The next decode runs every layer, as plain decoding does."""
+        return self.layers == (0, self.model.n_layer) and self.skip[0] == self.skip[1]
 
-        Rows are the input of layer `start`; KV cells of other layers are not written (and are
+    @contextlib.contextmanager
+    def layer_range(self, start: int = 0, end: int | None = None, skip: tuple[int, int] | None = None):
+        """Run only layers [start, end) in the decodes inside the block, and none of `skip` = (a, b)
+        (start < a <= b < end: layer a-1's output goes straight to layer b, patch P19); all layers
+        again after it, however it is left.
+
+        Rows are the input of layer `start`; KV cells of layers not run are not written (and are
         recorded as not re-usable). Logits come from the output head applied after layer end-1
         (early-exit logits when end < n_layer).
         """
-        self._set_layers(start, self.model.n_layer if end is None else end)
+        self._set_layers(start, self.model.n_layer if end is None else end, skip or (0, 0))
         try:
             yield
         finally:
-            self._set_layers(0, self.model.n_layer)
+            self._set_layers(0, self.model.n_layer, (0, 0))
 
-    def _set_layers(self, start: int, end: int) -> None:
-        if (start, end) == self.layers:
-            return
-        rc = native.fn("edge_mtp_set_layer_range")(self.ctx, start, end)
+    def _set_layers(self, start: int, end: int, skip: tuple[int, int]) -> None:
+        if (start, end) != self.layers or self.skip != (0, 0):  # a new range clears the skip
+            rc = native.fn("edge_mtp_set_layer_range")(self.ctx, start, end)
+            self._layers_refused(rc, f"bad layer range [{start}, {end}) for {self.model.n_layer} layers")
+            self.layers, self.skip = (start, end), (0, 0)
+        if skip != (0, 0):
+            rc = native.fn("edge_mtp_set_layer_skip")(self.ctx, *skip)
+            self._layers_refused(rc, f"bad skipped layers [{skip[0]}, {skip[1]}): they must lie inside "
+                                     f"the range [{start}, {end}), after its first layer and before its last")
+            self.skip = skip
+
+    def _layers_refused(self, rc: int, bad: str) -> None:
         if rc == -2:
             raise RequestError(f"architecture {self.model.architecture} does not support layer "
                                "ranges (llama, qwen2, qwen3 and gemma3 do)")
         if rc != 0:
-            raise RequestError(f"bad layer range [{start}, {end}) for {self.model.n_layer} layers")
-        self.layers = (start, end)
+            raise RequestError(bad)
 
     def _hidden_outputs(self, wanted: set[int]) -> None:
         """Make llama.cpp copy out exactly these layers' inputs (each switch re-plans the graph)."""

@@ -11,7 +11,8 @@ input is h_enc + m * h_think with m = 1 on a cycle head, 0 elsewhere (native pat
   through all layers, gate m = (0, ..., 0, 1) (cyclical refilling: the skipped positions get their
   thinking-layer K/V; their encoding and decoding K/V come out as before, as the inputs are the
   same). Only the head row has logits.
-- Other steps: h_enc of the token (E = 0: its embedding) through the decoding layers only.
+- Other steps: h_enc of the token (E = 0: its embedding) through the decoding layers only; with
+  E > 0 one pass through the encoding and then the decoding layers, the thinking ones skipped.
 Every pass is gated or runs a partial layer range, so the session records these cells as
 non-reusable (-1): no later request takes a DMTD cell for a plain one. `auto` on a DMTD model is
 this decoder with the cycle picked from the device's pass costs (`pick_tau`).
@@ -33,6 +34,14 @@ def model_dmtd(model) -> DmtdConfig:
         raise RequestError(f"{model.path.name} is not a DMTD model (no dmtd.* metadata); convert a "
                            "DMTD checkpoint with `edge-mtp convert`")
     return cfg
+
+
+def late_layers(session, cfg: DmtdConfig):
+    """The layers of a non-head step: the decoding ones, after the encoding ones when E > 0 (one
+    pass skipping the thinking layers, patch P19)."""
+    if cfg.encoding_layers:
+        return session.layer_range(0, skip=(cfg.encoding_layers, cfg.late_start))
+    return session.layer_range(cfg.late_start)
 
 
 class Dmtd(Strategy):
@@ -114,17 +123,11 @@ class Dmtd(Strategy):
                               gate=(gate, cfg.late_start, cfg.encoding_layers))[-1]
 
     def _late_pass(self, session, token: int) -> np.ndarray:
-        """The token's h_enc through the decoding layers only (no thinking-layer K/V written)."""
-        cfg = self.cfg
-        rows = session.model.input_rows([token])
-        if cfg.encoding_layers:
-            pos = session.n_past
-            with session.layer_range(0, cfg.encoding_layers):
-                session.decode(embd=rows, hidden=cfg.encoding_layers)
-                rows = session.hidden_rows(cfg.encoding_layers)
-            session.truncate(pos)  # the cell is freed, its encoding-layer K/V stay for the next pass
-        with session.layer_range(cfg.late_start):
-            return session.decode(embd=rows)[-1]
+        """The token through the encoding layers, then its h_enc straight into the decoding layers:
+        one pass skipping the thinking layers (no thinking-layer K/V written), whose encoding and
+        decoding K/V land in one cell."""
+        with late_layers(session, self.cfg):
+            return session.decode(embd=session.model.input_rows([token]))[-1]
 
     def stats(self) -> dict:
         cfg, passes = self.cfg, self.full_passes + self.late_passes
