@@ -54,6 +54,9 @@ def cross_build(work: Path, arch: str, log: Path) -> Path:
     build = load(ROOT / "native" / "build.py", "edge_mtp_native_build")
     key = build.build_key()
     tree = work / f"src-{key}"
+    for stale in [*work.glob("src*"), *work.glob("build*")]:  # trees and builds of other patch sets
+        if stale.is_dir() and not stale.name.startswith((f"src-{key}", f"build-{key}-")):
+            shutil.rmtree(stale)
     if not tree.exists():
         with tarfile.open(build.fetch_sdist(build.cache_root())) as tar:
             tar.extractall(work / "unpack", filter="data")
