@@ -188,6 +188,9 @@ def test_a_skipped_span_equals_its_two_ranges(model):
     with pytest.raises(RequestError, match="bad skipped layers"), one.layer_range(0, skip=(0, b)):
         pass
     assert one.all_layers
+    with pytest.raises(RequestError, match="bad skipped layers"), one.layer_range(1, skip=(1, b)):
+        pass  # the range [1, L) was set before its skip was refused
+    assert one.all_layers
 
 
 def test_gate_matches_numpy_reference(model):

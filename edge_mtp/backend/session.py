@@ -272,10 +272,10 @@ class Session:
         recorded as not re-usable). Logits come from the output head applied after layer end-1
         (early-exit logits when end < n_layer).
         """
-        self._set_layers(start, self.model.n_layer if end is None else end, skip or (0, 0))
         try:
+            self._set_layers(start, self.model.n_layer if end is None else end, skip or (0, 0))
             yield
-        finally:
+        finally:  # also after a refused skip, whose range was already set
             self._set_layers(0, self.model.n_layer, (0, 0))
 
     def _set_layers(self, start: int, end: int, skip: tuple[int, int]) -> None:
