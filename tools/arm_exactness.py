@@ -6,12 +6,15 @@ comparison.
 
     apt-get install g++-aarch64-linux-gnu qemu-user     # Debian's cross compiler and qemu-user
     python tools/arm_exactness.py [--arch armv8.6-a+dotprod+i8mm] [--types F32,Q4_0,...]
+    python tools/arm_exactness.py --arch armv8.2-a+dotprod+fp16 --qemu-cpu cortex-a76   # no i8mm
 
 Not part of CI: the cross build takes about as long as the native one. Speed under emulation means
 nothing, so nothing here is timed. The model is random weights (tools/tiny_model.py, width 256 so
-every K-quant applies) written per type with llama.cpp's quantizer on this machine; qemu runs with
-`-cpu max`, which reports dotprod, i8mm and SVE, so ggml picks its ARM repacked and mmla kernels as
-a recent ARM CPU would.
+every K-quant applies; `--width 224` gives rows of 7 blocks of 32, an odd count, for the kernels
+that take blocks in pairs) written per type with llama.cpp's quantizer on this machine; qemu runs
+with `-cpu max`, which reports dotprod, i8mm and SVE, so ggml picks its ARM repacked and mmla
+kernels (Q4_0 and Q8_0 as 4x8, the K-quants as 8x8) as a recent ARM CPU would; `--qemu-cpu
+cortex-a76` (dotprod, no i8mm) with a build for that CPU takes the 4x4 and 8x4 layouts instead.
 """
 from __future__ import annotations
 
@@ -80,17 +83,17 @@ def cross_build(work: Path, arch: str, log: Path) -> Path:
     return checker
 
 
-def models(work: Path, types: list[str]) -> dict[str, Path]:
+def models(work: Path, types: list[str], width: int) -> dict[str, Path]:
     tiny = load(ROOT / "tools" / "tiny_model.py", "edge_mtp_tiny_model")
     import gguf
 
-    base = work / "tiny-llama-256.F32.gguf"
+    base = work / f"tiny-llama-{width}.F32.gguf"
     if not base.exists():
-        tiny.write_tiny_model(base, resolve_model("smollm2-135m"), arch="llama", n_layer=2, n_embd=256,
+        tiny.write_tiny_model(base, resolve_model("smollm2-135m"), arch="llama", n_layer=2, n_embd=width,
                               n_head=4, n_head_kv=2, n_ff=512, qtype=gguf.GGMLQuantizationType.F32)
     out = {}
     for t in types:
-        path = work / f"tiny-llama-256.{t}.gguf"
+        path = work / f"tiny-llama-{width}.{t}.gguf"
         if not path.exists():
             quantize_model(base, path, t)
         out[t] = path
@@ -100,6 +103,8 @@ def models(work: Path, types: list[str]) -> dict[str, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="armv8.6-a+dotprod+i8mm", help="GGML_CPU_ARM_ARCH of the cross build")
+    ap.add_argument("--qemu-cpu", default="max", help="qemu-aarch64 -cpu (cortex-a76: dotprod without i8mm)")
+    ap.add_argument("--width", type=int, default=256, help="model width (a multiple of 32; 256 for the K-quants)")
     ap.add_argument("--types", default=",".join(WEIGHT_TYPES))
     ap.add_argument("--sizes", default="2,3,4,8,16")
     ap.add_argument("--context", type=int, default=48)
@@ -113,13 +118,13 @@ def main() -> None:
     checker = cross_build(args.work, args.arch, log)
     failed = False
     sizes = args.sizes.split(",")
-    print(f"aarch64 ({args.arch}) under qemu-aarch64 -cpu max; max abs logit difference, batch rows vs "
+    print(f"aarch64 ({args.arch}) under qemu-aarch64 -cpu {args.qemu_cpu}, width {args.width}; max abs logit difference, batch rows vs "
           f"one-row decodes after {args.context} tokens (0: bit-identical, *: some row differs)\n")
     print("| weights | exact rows | flash attn | " + " | ".join(f"n={n}" for n in sizes) + " |")
     print("|---|---|---|" + "---|" * len(sizes))
-    for t, path in models(args.work, args.types.split(",")).items():
+    for t, path in models(args.work, args.types.split(","), args.width).items():
         for mode in ("exact", "stock"):
-            res = subprocess.run(["qemu-aarch64", "-cpu", "max", "-L", str(SYSROOT), str(checker), str(path),
+            res = subprocess.run(["qemu-aarch64", "-cpu", args.qemu_cpu, "-L", str(SYSROOT), str(checker), str(path),
                                   args.sizes, str(args.context), "2", mode], capture_output=True, text=True)
             if res.returncode == 2 or not res.stdout:
                 sys.exit(f"{t} ({mode}): the checker failed: {res.stderr.strip()}")
